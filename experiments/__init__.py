@@ -1,0 +1,1 @@
+"""Command-line experiments: absl flags -> `maxrec.Config` -> library calls."""

@@ -1,0 +1,213 @@
+"""Frozen, validated configuration: the only configuration MAXRec reads.
+
+Every experiment flag in `experiments/` is generated from these dataclasses: a flag's
+name is the field's name and its default is the field's default, so each default has
+exactly one home. Leaf field names are therefore unique across the groups.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+# Choices are module constants so that flags, validation and docs agree.
+DATA_FORMATS = ("auto", "movielens", "lightgcn", "recbole", "csv")
+SPLITS = ("auto", "random", "temporal", "loo", "presplit")
+MODELS = ("mf", "lightgcn")
+PROPAGATIONS = ("bcsr", "segment")
+WEIGHTINGS = ("none", "fixed", "uncertainty", "meta")
+HYPERGRADS = ("cg", "neumann", "unrolled", "first_order")
+METRIC_NAMES = ("recall", "ndcg", "precision", "hit", "mrr")
+
+
+def _f(default: Any, help: str, choices: tuple | None = None, **kw) -> Any:
+  """A dataclass field carrying its flag help text (and choices) as metadata."""
+  meta = {"help": help}
+  if choices is not None:
+    meta["choices"] = choices
+  if isinstance(default, (list, dict)):
+    raise TypeError("use tuples for sequence defaults so configs stay hashable")
+  return dataclasses.field(default=default, metadata=meta, **kw)
+
+
+def _check(cond: bool, msg: str) -> None:
+  if not cond:
+    raise ValueError(msg)
+
+
+def _check_choice(name: str, value: Any, choices: tuple) -> None:
+  _check(value in choices, f"--{name}={value!r} is not one of {', '.join(map(str, choices))}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """Where the interactions come from and how they are split (METHOD.md §2.1, §5.1)."""
+
+  data_path: str | None = _f(
+    None, "A data file or folder. Empty: the built-in synthetic data set (no download)."
+  )
+  data_format: str = _f(
+    "auto", "Input format; 'auto' detects it from the file or folder name.", DATA_FORMATS
+  )
+  split: str = _f(
+    "auto",
+    "Per-user split: random by ratio, temporal by timestamp, leave-one-out, or presplit "
+    "(LightGCN train/test files). 'auto': presplit for the LightGCN format, else random.",
+    SPLITS,
+  )
+  split_ratios: tuple[float, ...] = _f(
+    (0.8, 0.1, 0.1), "Train/valid/test ratios per user for the random and temporal splits."
+  )
+  valid_ratio: float = _f(
+    0.1, "Share of each user's training items carved into validation (presplit)."
+  )
+  min_rating: float | None = _f(
+    None, "Keep only ratings >= this as positives. Empty: every interaction is a positive."
+  )
+  user_core: int = _f(
+    0, "k-core filtering: drop users with fewer interactions (iterated with item_core)."
+  )
+  item_core: int = _f(
+    0, "k-core filtering: drop items with fewer interactions (iterated with user_core)."
+  )
+  meta_ratio: float = _f(
+    0.1, "[A1] Share of each user's training items moved to the meta split (weighting=meta only)."
+  )
+  meta_min_interactions: int = _f(5, "[A1] Users with fewer training items keep them all in R_in.")
+  split_seed: int | None = _f(None, "Seed of the split. Empty: use --seed.")
+  user_column: str = _f("user_id", "CSV/TSV: the user id column.")
+  item_column: str = _f("item_id", "CSV/TSV: the item id column.")
+  rating_column: str | None = _f(None, "CSV/TSV: the rating column (optional).")
+  timestamp_column: str | None = _f(None, "CSV/TSV: the timestamp column (optional).")
+  delimiter: str | None = _f(None, "CSV/TSV delimiter. Empty: ',' for .csv, tab otherwise.")
+  synth_users: int = _f(2000, "Built-in data set: number of users.")
+  synth_items: int = _f(3000, "Built-in data set: number of items.")
+  synth_interactions: int = _f(100_000, "Built-in data set: number of interactions.")
+  synth_clusters: int = _f(8, "Built-in data set: number of latent taste clusters.")
+  synth_seed: int = _f(0, "Built-in data set: generator seed.")
+
+  def __post_init__(self):
+    _check_choice("data_format", self.data_format, DATA_FORMATS)
+    _check_choice("split", self.split, SPLITS)
+    r = self.split_ratios
+    _check(
+      len(r) == 3 and all(x >= 0 for x in r),
+      f"--split_ratios={','.join(map(str, r))} must be three non-negative numbers "
+      "(train, valid, test), e.g. 0.8,0.1,0.1.",
+    )
+    _check(
+      math.isclose(sum(r), 1.0, abs_tol=1e-6),
+      f"--split_ratios={','.join(map(str, r))} sums to {sum(r):g}, not 1; e.g. use 0.8,0.1,0.1.",
+    )
+    _check(r[0] > 0, "--split_ratios: the train ratio must be positive.")
+    _check(0 <= self.valid_ratio < 1, f"--valid_ratio={self.valid_ratio} must be in [0, 1).")
+    _check(0 <= self.meta_ratio < 1, f"--meta_ratio={self.meta_ratio} must be in [0, 1).")
+    _check(self.meta_min_interactions >= 1, "--meta_min_interactions must be >= 1.")
+    _check(self.user_core >= 0 and self.item_core >= 0, "--user_core/--item_core must be >= 0.")
+    for name in ("synth_users", "synth_items", "synth_interactions", "synth_clusters"):
+      _check(getattr(self, name) >= 1, f"--{name}={getattr(self, name)} must be >= 1.")
+    _check(
+      self.synth_interactions <= self.synth_users * self.synth_items // 2,
+      f"--synth_interactions={self.synth_interactions} is more than half of "
+      f"{self.synth_users} users x {self.synth_items} items; lower it.",
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """The backbone (METHOD.md §2.2)."""
+
+  model: str = _f("mf", "Backbone: matrix factorisation or LightGCN.", MODELS)
+  embedding_dim: int = _f(64, "Embedding dimension d.")
+  num_layers: int = _f(3, "LightGCN propagation layers L.")
+  init_std: float = _f(
+    0.02,
+    "Embeddings start N(0, init_std^2). LightGCN-PyTorch uses 0.1; 0.02 won on ML-100K "
+    "validation (BUILD_NOTES.md).",
+  )
+  propagation: str = _f(
+    "bcsr",
+    "Kernel of the graph product: 'bcsr' (JAX's CSR kernel, fastest) or 'segment' "
+    "(gather + segment_sum, needed under sharding).",
+    PROPAGATIONS,
+  )
+
+  def __post_init__(self):
+    _check_choice("model", self.model, MODELS)
+    _check_choice("propagation", self.propagation, PROPAGATIONS)
+    _check(self.embedding_dim >= 1, f"--embedding_dim={self.embedding_dim} must be >= 1.")
+    _check(self.num_layers >= 0, f"--num_layers={self.num_layers} must be >= 0.")
+    _check(self.init_std > 0, f"--init_std={self.init_std} must be > 0.")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Inner optimisation, evaluation and early stopping (METHOD.md §3.2, §5.2)."""
+
+  epochs: int = _f(100, "Maximum number of epochs.")
+  batch_size: int = _f(2048, "BPR triples per step.")
+  learning_rate: float = _f(1e-3, "Adam learning rate of the embeddings.")
+  l2_reg: float = _f(1e-4, "lambda of the L2 term on the batch's ego embeddings.")
+  seed: int = _f(0, "Seed of initialisation and sampling (and of the split unless --split_seed).")
+  eval_every: int = _f(1, "Validate every this many epochs.")
+  patience: int = _f(10, "Early stopping: validations without improvement before stopping.")
+  early_stop_metric: str = _f("recall@20", "Validation metric for model selection, e.g. ndcg@20.")
+  topk: tuple[int, ...] = _f((10, 20, 50), "Cut-offs K of the metrics.")
+  eval_batch_size: int = _f(
+    1024, "Users scored per evaluation block: bounds memory to about 12 x this x items bytes."
+  )
+
+  def __post_init__(self):
+    for name in ("epochs", "batch_size", "eval_every", "patience", "eval_batch_size"):
+      _check(getattr(self, name) >= 1, f"--{name}={getattr(self, name)} must be >= 1.")
+    _check(self.learning_rate > 0, f"--learning_rate={self.learning_rate} must be > 0.")
+    _check(self.l2_reg >= 0, f"--l2_reg={self.l2_reg} must be >= 0.")
+    _check(len(self.topk) >= 1 and all(k >= 1 for k in self.topk), "--topk needs positive K.")
+    name, _, k = self.early_stop_metric.partition("@")
+    _check(
+      name in METRIC_NAMES and k.isdigit() and int(k) in self.topk,
+      f"--early_stop_metric={self.early_stop_metric!r} must be <metric>@<K> with metric in "
+      f"{', '.join(METRIC_NAMES)} and K in --topk={','.join(map(str, self.topk))}.",
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """Everything a run needs. Build it with `Config.from_flat(**overrides)`."""
+
+  data: DataConfig = dataclasses.field(default_factory=DataConfig)
+  model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+  train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+
+  @classmethod
+  def groups(cls) -> dict[str, type]:
+    return {f.name: f.default_factory for f in dataclasses.fields(cls)}
+
+  @classmethod
+  def from_flat(cls, **values: Any) -> Config:
+    """Builds a config from leaf field names, e.g. `Config.from_flat(epochs=3)`.
+
+    Raises:
+      ValueError: for an unknown field name or an invalid value.
+    """
+    groups = cls.groups()
+    owner = {f.name: g for g, k in groups.items() for f in dataclasses.fields(k)}
+    unknown = sorted(set(values) - set(owner))
+    if unknown:
+      raise ValueError(f"Unknown config field(s): {', '.join(unknown)}.")
+    parts = {g: {} for g in groups}
+    for name, value in values.items():
+      parts[owner[name]][name] = value
+    return cls(**{g: groups[g](**parts[g]) for g in groups})
+
+  def flat(self) -> dict[str, Any]:
+    """The leaf fields as one dict (what `config.json` holds)."""
+    out = {}
+    for g in self.groups():
+      out.update(dataclasses.asdict(getattr(self, g)))
+    return out
+
+  def replace(self, **values: Any) -> Config:
+    """A copy with some leaf fields changed (validated again)."""
+    return Config.from_flat(**{**self.flat(), **values})

@@ -1,0 +1,184 @@
+"""Full-ranking top-K metrics: Recall, NDCG, Precision, HitRate, MRR (METHOD.md §5.2).
+
+Every item is ranked for every evaluated user, with the user's masked items (training
+items; at test time also validation items) excluded. Users are scored in blocks of
+`batch_size`, so memory is bounded by `batch_size x n_items` scores; the whole score matrix
+is never built. Users without held-out items are excluded and counted.
+
+Definitions, per user u with held-out set T_u and hit_r = 1[item at rank r in T_u]:
+  Recall@K    = sum_{r<=K} hit_r / |T_u|
+  Precision@K = sum_{r<=K} hit_r / K
+  NDCG@K      = sum_{r<=K} hit_r / log2(r+1)  /  sum_{r=1}^{min(K,|T_u|)} 1 / log2(r+1)
+  Hit@K       = 1[sum_{r<=K} hit_r > 0]
+  MRR@K       = 1 / (rank of the first hit within K), else 0
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from maxrec.data import to_csr
+
+METRICS = ("recall", "ndcg", "precision", "hit", "mrr")
+
+
+@struct.dataclass
+class EvalSet:
+  """Held-out items and masks of the evaluated users, in padded blocks.
+
+  Attributes:
+    users: [n_blocks, block] user ids (padding rows hold user 0 and `valid` False).
+    valid: [n_blocks, block] bool.
+    n_relevant: [n_blocks, block] |T_u| as float32.
+    mask_row, mask_col: [n_blocks, m] (row in block, item) to exclude; padding row = block.
+    rel_row, rel_col: [n_blocks, r] (row in block, item) held out; padding row = block.
+    n_users: number of evaluated users (static).
+    n_excluded: users without held-out items, not evaluated (static).
+  """
+
+  users: jax.Array
+  valid: jax.Array
+  n_relevant: jax.Array
+  mask_row: jax.Array
+  mask_col: jax.Array
+  rel_row: jax.Array
+  rel_col: jax.Array
+  n_users: int = struct.field(pytree_node=False)
+  n_excluded: int = struct.field(pytree_node=False)
+
+
+def _blocked_pairs(pairs: np.ndarray, n_users: int, users: np.ndarray, block: int):
+  """For each block of `users`: padded (row in block, item) of their pairs."""
+  indptr, items = to_csr(pairs, n_users)
+  n_blocks = users.shape[0]
+  rows, cols = [], []
+  for b in range(n_blocks):
+    bu = users[b]
+    counts = indptr[bu + 1] - indptr[bu]
+    starts = indptr[bu]
+    local = np.repeat(np.arange(len(bu)), counts)
+    offs = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+    rows.append(local)
+    cols.append(items[np.repeat(starts, counts) + offs])
+  width = max(1, max(len(r) for r in rows))
+  row = np.full((n_blocks, width), block, np.int32)  # `block` is out of range: dropped
+  col = np.zeros((n_blocks, width), np.int32)
+  for b, (r, c) in enumerate(zip(rows, cols)):
+    row[b, : len(r)] = r
+    col[b, : len(c)] = c
+  return row, col
+
+
+def build_eval_set(
+  heldout: np.ndarray, exclude: np.ndarray, n_users: int, batch_size: int = 1024
+) -> EvalSet:
+  """Prepares evaluation of `heldout` pairs, masking the `exclude` pairs.
+
+  Args:
+    heldout: [n, 2] (user, item) pairs to find (validation or test).
+    exclude: [m, 2] pairs never to rank (training, and validation when testing).
+    n_users: user id space size.
+    batch_size: users per block (bounds memory).
+  """
+  counts = np.bincount(heldout[:, 0], minlength=n_users)
+  users = np.flatnonzero(counts > 0).astype(np.int32)
+  if users.size == 0:
+    raise ValueError("no user has a held-out interaction to evaluate.")
+  block = int(min(batch_size, users.size))
+  n_blocks = -(-users.size // block)
+  padded = np.zeros(n_blocks * block, np.int32)
+  padded[: users.size] = users
+  valid = np.arange(n_blocks * block) < users.size
+  users_b = padded.reshape(n_blocks, block)
+  # Padding rows point at user 0 but are invalid; give them no pairs.
+  pad_free = np.where(valid.reshape(n_blocks, block), users_b, n_users)
+  ext = n_users + 1
+  mask_row, mask_col = _blocked_pairs(exclude, ext, pad_free, block)
+  rel_row, rel_col = _blocked_pairs(heldout, ext, pad_free, block)
+  return EvalSet(
+    users=jnp.asarray(users_b),
+    valid=jnp.asarray(valid.reshape(n_blocks, block)),
+    n_relevant=jnp.asarray(
+      np.where(valid, counts[padded], 1).reshape(n_blocks, block), jnp.float32
+    ),
+    mask_row=jnp.asarray(mask_row),
+    mask_col=jnp.asarray(mask_col),
+    rel_row=jnp.asarray(rel_row),
+    rel_col=jnp.asarray(rel_col),
+    n_users=int(users.size),
+    n_excluded=int(n_users - users.size),
+  )
+
+
+def _topk_metrics(hits: jax.Array, n_rel: jax.Array, ks: tuple[int, ...]) -> jax.Array:
+  """Per-user metrics from the hit matrix `[b, kmax]`; returns `[b, len(ks) * 5]`."""
+  kmax = hits.shape[1]
+  ranks = jnp.arange(1, kmax + 1, dtype=jnp.float32)
+  discount = 1.0 / jnp.log2(ranks + 1.0)
+  out = []
+  for k in ks:
+    h = hits[:, : min(k, kmax)].astype(jnp.float32)
+    n_hit = h.sum(1)
+    dcg = (h * discount[: h.shape[1]]).sum(1)
+    ideal_len = jnp.minimum(jnp.minimum(n_rel, k), kmax)
+    idcg = jnp.sum(jnp.where(ranks[None, :] <= ideal_len[:, None], discount[None, :], 0.0), 1)
+    first = jnp.argmax(h, axis=1)
+    out += [
+      n_hit / n_rel,
+      jnp.where(idcg > 0, dcg / jnp.where(idcg > 0, idcg, 1.0), 0.0),
+      n_hit / k,
+      (n_hit > 0).astype(jnp.float32),
+      jnp.where(n_hit > 0, 1.0 / (first + 1.0), 0.0),
+    ]
+  return jnp.stack(out, 1)
+
+
+@functools.partial(jax.jit, static_argnames=("ks",))
+def _evaluate(user_emb, item_emb, es: EvalSet, ks: tuple[int, ...]):
+  n_items = item_emb.shape[0]
+  kmax = min(max(ks), n_items)
+  block = es.users.shape[1]
+
+  def one_block(carry, xs):
+    users, valid, n_rel, mr, mc, rr, rc = xs
+    scores = user_emb[users] @ item_emb.T
+    scores = scores.at[mr, mc].set(-jnp.inf, mode="drop")
+    top_scores, top_items = jax.lax.top_k(scores, kmax)
+    relevant = jnp.zeros((block, n_items), jnp.bool_).at[rr, rc].set(True, mode="drop")
+    hits = jnp.take_along_axis(relevant, top_items, 1) & (top_scores > -jnp.inf)
+    m = _topk_metrics(hits, n_rel, ks)
+    return carry + jnp.sum(jnp.where(valid[:, None], m, 0.0), 0), None
+
+  xs = (es.users, es.valid, es.n_relevant, es.mask_row, es.mask_col, es.rel_row, es.rel_col)
+  init = jnp.zeros(len(ks) * len(METRICS), jnp.float32)
+  total, _ = jax.lax.scan(one_block, init, xs)
+  return total / es.n_users
+
+
+def evaluate(
+  user_emb: jax.Array, item_emb: jax.Array, eval_set: EvalSet, ks: tuple[int, ...] = (10, 20, 50)
+) -> dict[str, float]:
+  """Mean full-ranking metrics over the evaluated users.
+
+  Args:
+    user_emb: [n_users, d] final user embeddings.
+    item_emb: [n_items, d] final item embeddings (scores are inner products).
+    eval_set: from `build_eval_set`.
+    ks: cut-offs K.
+  Returns:
+    {"recall@10": ..., "ndcg@10": ..., ...} as Python floats.
+  """
+  values = np.asarray(_evaluate(user_emb, item_emb, eval_set, tuple(ks)))
+  names = [f"{m}@{k}" for k in ks for m in METRICS]
+  return {n: float(v) for n, v in zip(names, values)}
+
+
+def popularity_embeddings(train: np.ndarray, n_users: int, n_items: int):
+  """The popularity baseline as embeddings: scores = training count of the item."""
+  counts = np.bincount(train[:, 1], minlength=n_items).astype(np.float32)
+  return jnp.ones((n_users, 1), jnp.float32), jnp.asarray(counts[:, None])

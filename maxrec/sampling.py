@@ -1,0 +1,86 @@
+"""BPR triples with uniform negatives, vectorised and seeded (METHOD.md §2.3).
+
+Host-side NumPy: a `Sampler` draws (user, positive, negative) triples from a set of
+positive pairs; negatives are uniform over the items the user never interacted with in
+training (R_in and R_meta both count as interactions, METHOD.md §2.1). Rejection sampling
+is vectorised: the negatives that hit an observed pair are redrawn together.
+A second positive of the same user (`pos2`) comes with each triple, for the item-item
+co-occurrence auxiliary task.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from maxrec.data import to_csr
+
+Batch = dict  # {"user": [..., B], "pos": [..., B], "neg": [..., B], "pos2": [..., B]} int32
+
+
+class Sampler:
+  """Draws BPR triples from `pairs`, with negatives outside `observed`.
+
+  Args:
+    pairs: [n, 2] (user, item) positives to draw from.
+    observed: [m, 2] every pair a negative must avoid (a superset of `pairs`).
+    n_users, n_items: id space sizes.
+  """
+
+  def __init__(self, pairs: np.ndarray, observed: np.ndarray, n_users: int, n_items: int):
+    if len(pairs) == 0:
+      raise ValueError("cannot sample BPR triples from an empty set of interactions.")
+    self.pairs = np.asarray(pairs, np.int32)
+    self.n_items = n_items
+    self._keys = np.unique(observed[:, 0].astype(np.int64) * n_items + observed[:, 1])
+    full = np.bincount(observed[:, 0], minlength=n_users) >= n_items
+    if full[self.pairs[:, 0]].any():
+      u = int(np.flatnonzero(full)[0])
+      raise ValueError(f"user {u} interacted with every item: no negative exists for them.")
+    self._indptr, self._items = to_csr(self.pairs, n_users)
+
+  def negatives(self, rng: np.random.Generator, users: np.ndarray) -> np.ndarray:
+    """One uniform unobserved item per user, [n] int32."""
+    neg = rng.integers(self.n_items, size=len(users))
+    todo = np.arange(len(users))
+    for _ in range(1000):
+      key = users[todo].astype(np.int64) * self.n_items + neg[todo]
+      pos = np.searchsorted(self._keys, key)
+      hit = self._keys[np.minimum(pos, len(self._keys) - 1)] == key
+      todo = todo[hit]
+      if todo.size == 0:
+        return neg.astype(np.int32)
+      neg[todo] = rng.integers(self.n_items, size=todo.size)
+    raise RuntimeError("negative sampling did not finish: some users observed almost every item.")
+
+  def second_positive(self, rng: np.random.Generator, users: np.ndarray) -> np.ndarray:
+    """A random training item of each user (for the co-occurrence task), [n] int32."""
+    start, stop = self._indptr[users], self._indptr[users + 1]
+    return self._items[start + (rng.random(len(users)) * (stop - start)).astype(np.int64)]
+
+  def _triples(self, rng: np.random.Generator, rows: np.ndarray) -> Batch:
+    users = self.pairs[rows, 0]
+    return {
+      "user": users,
+      "pos": self.pairs[rows, 1],
+      "neg": self.negatives(rng, users),
+      "pos2": self.second_positive(rng, users),
+    }
+
+  def epoch(self, rng: np.random.Generator, batch_size: int) -> Batch:
+    """Every pair once in random order, padded with random pairs to whole batches.
+
+    Returns:
+      A batch dict of [num_batches, batch_size] int32 arrays, num_batches = ceil(n / B).
+    """
+    n = len(self.pairs)
+    num_batches = -(-n // batch_size)
+    pad = num_batches * batch_size - n
+    rows = np.concatenate([rng.permutation(n), rng.integers(n, size=pad)])
+    return {k: v.reshape(num_batches, batch_size) for k, v in self._triples(rng, rows).items()}
+
+  def sample(self, rng: np.random.Generator, size: int) -> Batch:
+    """`size` triples from uniformly drawn pairs (with replacement), [size] each."""
+    return self._triples(rng, rng.integers(len(self.pairs), size=size))
+
+  def num_batches(self, batch_size: int) -> int:
+    return -(-len(self.pairs) // batch_size)

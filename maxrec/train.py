@@ -1,0 +1,263 @@
+"""Training loop: jitted steps, validation, early stopping, `train_and_evaluate`.
+
+The Flax-examples contract: `train_and_evaluate(config, workdir)` runs one experiment and
+writes everything it measured to `workdir`:
+  config.json          the resolved configuration
+  data_summary.json    what was read, filtered and split
+  metrics.jsonl        one JSON object per epoch (losses, timings, validation metrics)
+  final_metrics.json   {"best_epoch", "valid", "test", "popularity", ...}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from flax import struct
+
+from maxrec import data as data_lib
+from maxrec import graph as graph_lib
+from maxrec import losses, metrics
+from maxrec.config import Config
+from maxrec.models import make_model
+from maxrec.sampling import Sampler
+
+
+@struct.dataclass
+class TrainState:
+  """Everything that changes during training; a pytree.
+
+  Attributes:
+    step: scalar int32, optimizer steps taken.
+    params: {"user": [U, d], "item": [I, d]} ego embeddings θ.
+    opt_state: the inner optimizer's state.
+    key: PRNG key; step t uses `fold_in(key, t)`.
+  """
+
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  key: jax.Array
+
+
+def gather_batch(params, final_user, final_item, batch):
+  """Rows of one BPR batch: final (scoring) and ego (regularised) embeddings."""
+  u, i, j = batch["user"], batch["pos"], batch["neg"]
+  final = (final_user[u], final_item[i], final_item[j])
+  ego = (params["user"][u], params["item"][i], params["item"][j])
+  return final, ego
+
+
+def make_loss_fn(model, cfg: Config):
+  """Returns `loss_fn(params, batch, graph, weights) -> (loss, parts)` for one batch.
+
+  loss = BPR(final embeddings) + L2(ego embeddings of the batch rows).
+  """
+  reg = cfg.train.l2_reg
+
+  def loss_fn(params, batch, graph, weights):
+    fu, fi = model.apply({"params": params}, graph, weights)
+    (eu, ei, ej), ego = gather_batch(params, fu, fi, batch)
+    bpr = losses.bpr_loss(jnp.sum(eu * ei, -1), jnp.sum(eu * ej, -1))
+    l2 = losses.l2_penalty(reg, batch["user"].shape[0], *ego)
+    return bpr + l2, {"bpr": bpr, "l2": l2}
+
+  return loss_fn
+
+
+def make_run_steps(loss_fn, tx):
+  """Jitted `run_steps(state, graph, weights, batches, start, count)`.
+
+  Runs steps `start .. start+count-1` of an epoch's stacked batches `[n, B]` in one
+  `fori_loop` (dynamic trip count, so one compilation serves every segment) and returns
+  the new state and the summed loss parts.
+  """
+
+  def step(state: TrainState, graph, weights, batch):
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    (loss, parts), grads = grad_fn(state.params, batch, graph, weights)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    new = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    return new, {"loss": loss, **parts}
+
+  def run_steps(state, graph, weights, batches, start, count):
+    zero = jax.eval_shape(lambda: step(state, graph, weights, _index(batches, 0))[1])
+    sums = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero)
+
+    def body(t, carry):
+      st, acc = carry
+      st, parts = step(st, graph, weights, _index(batches, t))
+      return st, jax.tree.map(jnp.add, acc, parts)
+
+    return jax.lax.fori_loop(start, start + count, body, (state, sums))
+
+  return jax.jit(run_steps, donate_argnums=(0,))
+
+
+def _index(batches, t):
+  return jax.tree.map(lambda b: jax.lax.dynamic_index_in_dim(b, t, keepdims=False), batches)
+
+
+def init_state(model, tx, key) -> TrainState:
+  init_key, train_key = jax.random.split(key)
+  params = model.init_params(init_key)
+  return TrainState(
+    step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), key=train_key
+  )
+
+
+class RunFiles:
+  """The files a run writes to its work directory."""
+
+  def __init__(self, workdir: str):
+    self.workdir = workdir
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, ".write_test")
+    try:
+      with open(probe, "w") as f:
+        f.write("ok")
+      os.remove(probe)
+    except OSError as e:
+      raise ValueError(f"--workdir={workdir} is not writable: {e.strerror}.") from None
+    self._metrics = open(os.path.join(workdir, "metrics.jsonl"), "w")
+
+  def write_json(self, name: str, obj) -> None:
+    tmp = os.path.join(self.workdir, name + ".tmp")
+    with open(tmp, "w") as f:
+      json.dump(obj, f, indent=2, default=_json_default)
+    os.replace(tmp, os.path.join(self.workdir, name))
+
+  def log_metrics(self, record: dict) -> None:
+    self._metrics.write(json.dumps(record, default=_json_default) + "\n")
+    self._metrics.flush()
+
+  def close(self) -> None:
+    self._metrics.close()
+
+
+def _json_default(x):
+  if isinstance(x, (np.generic, jax.Array)):
+    return np.asarray(x).tolist()
+  raise TypeError(f"not JSON serialisable: {type(x)}")
+
+
+def _fmt(d: dict, keys) -> str:
+  return " ".join(f"{k}={d[k]:.4f}" for k in keys if k in d)
+
+
+def train_and_evaluate(config: Config, workdir: str) -> dict:
+  """Trains the configured model, selects the best validation epoch, tests it.
+
+  Args:
+    config: the run's configuration.
+    workdir: output folder (created; must be writable).
+  Returns:
+    The dict written to `final_metrics.json`.
+  Raises:
+    ValueError: bad data or configuration, with a message naming the problem.
+  """
+  t_start = time.perf_counter()
+  files = RunFiles(workdir)
+  cfg = config
+  files.write_json("config.json", cfg.flat())
+  ds = data_lib.load_dataset(cfg.data, seed=cfg.train.seed, with_meta=False)
+  logging.info("%s", data_lib.describe(ds))
+  for w in data_lib.warnings(ds):
+    logging.warning("%s", w)
+  files.write_json("data_summary.json", ds.summary)
+
+  np_rng = np.random.default_rng(cfg.train.seed)
+  sampler = Sampler(ds.train, ds.observed, ds.n_users, ds.n_items)
+  graph = graph_lib.build_graph(ds.train, ds.n_users, ds.n_items)
+  weights = graph_lib.edge_weights(graph)
+  model = make_model(cfg.model, ds.n_users, ds.n_items)
+  tx = optax.adam(cfg.train.learning_rate)
+  state = init_state(model, tx, jax.random.key(cfg.train.seed))
+  loss_fn = make_loss_fn(model, cfg)
+  run_steps = make_run_steps(loss_fn, tx)
+  embed = jax.jit(lambda p, g, w: model.apply({"params": p}, g, w))
+
+  valid_set = metrics.build_eval_set(ds.valid, ds.observed, ds.n_users, cfg.train.eval_batch_size)
+  test_exclude = np.concatenate([ds.observed, ds.valid])
+  test_set = metrics.build_eval_set(ds.test, test_exclude, ds.n_users, cfg.train.eval_batch_size)
+  logging.info(
+    "evaluating %d validation users (%d without validation items excluded), %d test users",
+    valid_set.n_users,
+    valid_set.n_excluded,
+    test_set.n_users,
+  )
+
+  ks, select = cfg.train.topk, cfg.train.early_stop_metric
+  best = {"epoch": 0, "score": -np.inf, "valid": {}, "params": None}
+  bad_evals = 0
+  n_batches = sampler.num_batches(cfg.train.batch_size)
+  n_triples = n_batches * cfg.train.batch_size
+  for epoch in range(1, cfg.train.epochs + 1):
+    t0 = time.perf_counter()
+    batches = jax.device_put(sampler.epoch(np_rng, cfg.train.batch_size))
+    t_sample = time.perf_counter() - t0
+    state, sums = run_steps(state, graph, weights, batches, jnp.int32(0), jnp.int32(n_batches))
+    sums = jax.device_get(sums)
+    t_train = time.perf_counter() - t0
+    record = {"epoch": epoch, **{k: float(v) / n_batches for k, v in sums.items()}}
+    if not np.isfinite(record["loss"]):
+      raise FloatingPointError(f"epoch {epoch}: the training loss is {record['loss']}.")
+    record.update(
+      epoch_s=t_train,
+      sample_s=t_sample,
+      interactions_per_s=n_triples / t_train,
+      elapsed_s=time.perf_counter() - t_start,
+    )
+    msg = f"epoch {epoch:3d} | {_fmt(record, ('loss', 'bpr', 'l2'))} | {t_train:.2f}s"
+    msg += f" ({record['interactions_per_s']:,.0f} interactions/s)"
+    if epoch % cfg.train.eval_every == 0 or epoch == cfg.train.epochs:
+      fu, fi = embed(state.params, graph, weights)
+      valid = metrics.evaluate(fu, fi, valid_set, ks)
+      record["valid"] = valid
+      msg += f" | valid {_fmt(valid, ('recall@20', 'ndcg@20'))}"
+      if valid[select] > best["score"]:
+        best.update(epoch=epoch, score=valid[select], valid=valid)
+        best["params"] = jax.tree.map(jnp.copy, state.params)
+        bad_evals = 0
+      else:
+        bad_evals += 1
+    logging.info("%s | elapsed %.1fs", msg, record["elapsed_s"])
+    files.log_metrics(record)
+    if bad_evals >= cfg.train.patience:
+      logging.info("early stop: %s did not improve for %d validations", select, bad_evals)
+      break
+
+  fu, fi = embed(best["params"], graph, weights)
+  test = metrics.evaluate(fu, fi, test_set, ks)
+  pop_u, pop_i = metrics.popularity_embeddings(ds.observed, ds.n_users, ds.n_items)
+  popularity = metrics.evaluate(pop_u, pop_i, test_set, ks)
+  final = {
+    "best_epoch": best["epoch"],
+    "valid": best["valid"],
+    "test": test,
+    "popularity": popularity,
+    "epochs_run": epoch,
+    "wall_s": time.perf_counter() - t_start,
+  }
+  files.write_json("final_metrics.json", final)
+  files.close()
+  logging.info(
+    "best epoch %d | test %s | popularity %s",
+    best["epoch"],
+    _fmt(test, ("recall@20", "ndcg@20")),
+    _fmt(popularity, ("recall@20", "ndcg@20")),
+  )
+  return final
+
+
+def config_to_dict(config: Config) -> dict:
+  return dataclasses.asdict(config)

@@ -1,0 +1,58 @@
+"""Config validation and the flag <-> field correspondence."""
+
+import dataclasses
+
+import pytest
+from absl import flags
+
+from experiments import config_flags
+from maxrec.config import Config
+
+
+def test_from_flat_and_flat_round_trip():
+  cfg = Config.from_flat(epochs=7, model="lightgcn", split_ratios=(0.7, 0.1, 0.2))
+  assert cfg.train.epochs == 7 and cfg.model.model == "lightgcn"
+  assert Config.from_flat(**cfg.flat()) == cfg
+  assert cfg.replace(epochs=9).train.epochs == 9
+
+
+@pytest.mark.parametrize(
+  "kw,match",
+  [
+    (dict(model="svd"), r"--model='svd' is not one of mf, lightgcn"),
+    (dict(epochs=0), r"--epochs=0 must be >= 1"),
+    (dict(early_stop_metric="ndcg@30"), r"K in --topk=10,20,50"),
+    (dict(bogus=1), r"Unknown config field\(s\): bogus"),
+    (dict(split_ratios=(0.5, 0.5)), r"three non-negative numbers"),
+  ],
+)
+def test_invalid_values_are_clear_errors(kw, match):
+  with pytest.raises(ValueError, match=match):
+    Config.from_flat(**kw)
+
+
+def test_every_field_is_a_flag_with_the_same_default():
+  fv = flags.FlagValues()
+  config_flags.define_config_flags(fv)
+  fv(["prog"])
+  assert config_flags.config_from_flags(fv) == Config()
+  for group in Config.groups().values():
+    for f in dataclasses.fields(group):
+      assert f.name in fv, f.name
+
+
+def test_flags_parse_to_config():
+  fv = flags.FlagValues()
+  config_flags.define_config_flags(fv)
+  fv(
+    [
+      "prog",
+      "--split_ratios=0.6,0.2,0.2",
+      "--min_rating=4",
+      "--topk=5,10",
+      "--early_stop_metric=ndcg@10",
+    ]
+  )
+  cfg = config_flags.config_from_flags(fv)
+  assert cfg.data.split_ratios == (0.6, 0.2, 0.2) and cfg.data.min_rating == 4.0
+  assert cfg.train.topk == (5, 10)

@@ -1,0 +1,50 @@
+"""BPR sampling: negatives are never observed positives; epochs cover every pair."""
+
+import numpy as np
+import pytest
+
+from maxrec.sampling import Sampler
+
+
+@pytest.fixture
+def dense_user_sampler():
+  # user 0 has 7 of 8 items: rejection must still find item 7.
+  train = np.array([(0, i) for i in range(6)] + [(1, 0), (1, 1), (2, 3)])
+  meta = np.array([(0, 6), (1, 5)])
+  return Sampler(train, np.concatenate([train, meta]), 3, 8), train, meta
+
+
+def test_negatives_avoid_train_and_meta(dense_user_sampler):
+  sampler, train, meta = dense_user_sampler
+  observed = {tuple(p) for p in np.concatenate([train, meta]).tolist()}
+  users = np.repeat(np.arange(3), 2000)
+  neg = sampler.negatives(np.random.default_rng(0), users)
+  assert not any((u, n) in observed for u, n in zip(users.tolist(), neg.tolist()))
+  assert set(neg[users == 0].tolist()) == {7}
+  assert set(neg[users == 1].tolist()) == {2, 3, 4, 6, 7}  # uniform over the rest
+
+
+def test_epoch_covers_every_pair_once_plus_padding(dense_user_sampler):
+  sampler, train, _ = dense_user_sampler
+  batch = sampler.epoch(np.random.default_rng(0), batch_size=4)
+  assert batch["user"].shape == (3, 4) and batch["user"].dtype == np.int32
+  pairs = list(zip(batch["user"].ravel().tolist(), batch["pos"].ravel().tolist()))
+  assert set(pairs[: len(train)]) == {tuple(p) for p in train.tolist()}
+  assert len(set(pairs[: len(train)])) == len(train)
+  # second positives are training items of the same user
+  train_set = {tuple(p) for p in train.tolist()}
+  assert all((u, j) in train_set for u, j in zip(batch["user"].ravel(), batch["pos2"].ravel()))
+
+
+def test_sampling_is_seeded(dense_user_sampler):
+  sampler, _, _ = dense_user_sampler
+  a = sampler.epoch(np.random.default_rng(5), 4)
+  b = sampler.epoch(np.random.default_rng(5), 4)
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_user_with_every_item_is_an_error():
+  train = np.array([(0, 0), (0, 1)])
+  with pytest.raises(ValueError, match="user 0 interacted with every item"):
+    Sampler(train, train, 1, 2)
