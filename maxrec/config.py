@@ -71,8 +71,10 @@ class DataConfig:
   item_core: int = _f(
     0, "k-core filtering: drop items with fewer interactions (iterated with user_core)."
   )
-  meta_ratio: float = _f(
-    0.1, "[A1] Share of each user's training items moved to the meta split (weighting=meta only)."
+  meta_ratio: float | None = _f(
+    None,
+    "[A1] Share of each user's training items moved to the meta split R_meta, which the "
+    "inner problem never sees. Empty: 0.1 with --weighting=meta, else no meta split.",
   )
   meta_min_interactions: int = _f(5, "[A1] Users with fewer training items keep them all in R_in.")
   split_seed: int | None = _f(None, "Seed of the split. Empty: use --seed.")
@@ -102,7 +104,10 @@ class DataConfig:
     )
     _check(r[0] > 0, "--split_ratios: the train ratio must be positive.")
     _check(0 <= self.valid_ratio < 1, f"--valid_ratio={self.valid_ratio} must be in [0, 1).")
-    _check(0 <= self.meta_ratio < 1, f"--meta_ratio={self.meta_ratio} must be in [0, 1).")
+    _check(
+      self.meta_ratio is None or 0 <= self.meta_ratio < 1,
+      f"--meta_ratio={self.meta_ratio} must be in [0, 1).",
+    )
     _check(self.meta_min_interactions >= 1, "--meta_min_interactions must be >= 1.")
     _check(self.user_core >= 0 and self.item_core >= 0, "--user_core/--item_core must be >= 0.")
     for name in ("synth_users", "synth_items", "synth_interactions", "synth_clusters"):

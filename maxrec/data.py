@@ -1,6 +1,6 @@
 """Implicit-feedback data sets: filtering, dense ids, per-user splits (METHOD.md §2.1, §5.1).
 
-Host-side NumPy. `load_dataset(config, seed=..., with_meta=...)` is the one entry point;
+Host-side NumPy. `load_dataset(config, seed=..., meta_ratio=...)` is the one entry point;
 it returns a `Dataset` whose splits are int32 `[n, 2]` arrays of (user, item) dense ids
 and whose `user_ids` / `item_ids` map dense ids back to the raw ids of the source.
 
@@ -169,8 +169,17 @@ def carve_meta(train: np.ndarray, n_users: int, ratio: float, min_count: int, rn
   return train[~is_meta], train[is_meta]
 
 
-def build_dataset(raw: RawInteractions, cfg: DataConfig, *, seed: int, with_meta: bool) -> Dataset:
-  """Filters, remaps and splits raw interactions (see the module docstring)."""
+def build_dataset(
+  raw: RawInteractions, cfg: DataConfig, *, seed: int, meta_ratio: float = 0.0
+) -> Dataset:
+  """Filters, remaps and splits raw interactions (see the module docstring).
+
+  Args:
+    raw: the interactions as read.
+    cfg: filtering and split options.
+    seed: split seed (unless `cfg.split_seed` is set).
+    meta_ratio: share of each user's training items moved to R_meta [A1]; 0 for none.
+  """
   n_rows = len(raw)
   summary = {"source": raw.source, "rows_read": n_rows, "blank_lines_skipped": raw.blank_lines}
   keep = np.ones(n_rows, bool)
@@ -223,8 +232,8 @@ def build_dataset(raw: RawInteractions, cfg: DataConfig, *, seed: int, with_meta
   pairs = np.stack([u, i], 1).astype(np.int32)
   train, valid, test = (pairs[part == k] for k in range(3))
   meta = np.zeros((0, 2), np.int32)
-  if with_meta and cfg.meta_ratio > 0:
-    train, meta = carve_meta(train, n_users, cfg.meta_ratio, cfg.meta_min_interactions, rng)
+  if meta_ratio > 0:
+    train, meta = carve_meta(train, n_users, meta_ratio, cfg.meta_min_interactions, rng)
 
   seen_items = np.zeros(n_items, bool)
   seen_items[train[:, 1]] = True
@@ -271,9 +280,9 @@ def load_raw(cfg: DataConfig) -> RawInteractions:
   )
 
 
-def load_dataset(cfg: DataConfig, *, seed: int = 0, with_meta: bool = False) -> Dataset:
-  """Reads (or generates) and splits a data set; `with_meta` carves R_meta [A1]."""
-  return build_dataset(load_raw(cfg), cfg, seed=seed, with_meta=with_meta)
+def load_dataset(cfg: DataConfig, *, seed: int = 0, meta_ratio: float = 0.0) -> Dataset:
+  """Reads (or generates) and splits a data set; `meta_ratio` > 0 carves R_meta [A1]."""
+  return build_dataset(load_raw(cfg), cfg, seed=seed, meta_ratio=meta_ratio)
 
 
 def describe(ds: Dataset) -> str:

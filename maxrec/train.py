@@ -169,7 +169,8 @@ def train_and_evaluate(config: Config, workdir: str) -> dict:
   files = RunFiles(workdir)
   cfg = config
   files.write_json("config.json", cfg.flat())
-  ds = data_lib.load_dataset(cfg.data, seed=cfg.train.seed, with_meta=False)
+  meta_ratio = cfg.data.meta_ratio or 0.0
+  ds = data_lib.load_dataset(cfg.data, seed=cfg.train.seed, meta_ratio=meta_ratio)
   logging.info("%s", data_lib.describe(ds))
   for w in data_lib.warnings(ds):
     logging.warning("%s", w)

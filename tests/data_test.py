@@ -32,9 +32,9 @@ def synth():
 
 def test_random_split_is_disjoint_covering_and_seeded(synth):
   cfg = DataConfig()
-  a = data.build_dataset(synth, cfg, seed=3, with_meta=False)
-  b = data.build_dataset(synth, cfg, seed=3, with_meta=False)
-  c = data.build_dataset(synth, cfg, seed=4, with_meta=False)
+  a = data.build_dataset(synth, cfg, seed=3)
+  b = data.build_dataset(synth, cfg, seed=3)
+  c = data.build_dataset(synth, cfg, seed=4)
   parts = [pair_set(a.train), pair_set(a.valid), pair_set(a.test)]
   assert sum(map(len, parts)) == len(synth)
   assert not (parts[0] & parts[1] or parts[0] & parts[2] or parts[1] & parts[2])
@@ -58,9 +58,7 @@ def test_split_counts_matches_recbole_rule():
 def test_ml100k_split_sizes_match_recbole(ml100k_path):
   from maxrec import readers
 
-  ds = data.build_dataset(
-    readers.read_interactions(ml100k_path), DataConfig(), seed=0, with_meta=False
-  )
+  ds = data.build_dataset(readers.read_interactions(ml100k_path), DataConfig(), seed=0)
   assert (ds.n_users, ds.n_items) == (943, 1682)
   assert (len(ds.train), len(ds.valid), len(ds.test)) == (80808, 9596, 9596)
 
@@ -68,18 +66,16 @@ def test_ml100k_split_sizes_match_recbole(ml100k_path):
 def test_temporal_split_puts_latest_in_test():
   pairs = [(0, i) for i in range(10)]
   ts = [5, 1, 9, 3, 7, 2, 8, 0, 6, 4]
-  ds = data.build_dataset(
-    raw_from(pairs, ts=ts), DataConfig(split="temporal"), seed=0, with_meta=False
-  )
+  ds = data.build_dataset(raw_from(pairs, ts=ts), DataConfig(split="temporal"), seed=0)
   assert pair_set(ds.test) == {(0, 2)} and pair_set(ds.valid) == {(0, 6)}
   with pytest.raises(DataError, match="temporal needs timestamps"):
-    data.build_dataset(raw_from(pairs), DataConfig(split="temporal"), seed=0, with_meta=False)
+    data.build_dataset(raw_from(pairs), DataConfig(split="temporal"), seed=0)
 
 
 def test_leave_one_out():
   pairs = [(0, 0), (0, 1), (0, 2), (0, 3), (1, 0), (1, 1), (2, 0)]
   ts = [1, 2, 3, 4, 1, 2, 1]
-  ds = data.build_dataset(raw_from(pairs, ts=ts), DataConfig(split="loo"), seed=0, with_meta=False)
+  ds = data.build_dataset(raw_from(pairs, ts=ts), DataConfig(split="loo"), seed=0)
   assert pair_set(ds.test) == {(0, 3), (1, 1)}
   assert pair_set(ds.valid) == {(0, 2)}
   assert pair_set(ds.train) == {(0, 0), (0, 1), (1, 0), (2, 0)}
@@ -88,9 +84,7 @@ def test_leave_one_out():
 def test_presplit_carves_validation_from_train():
   pairs = [(0, i) for i in range(10)] + [(0, 10), (1, 0)]
   fold = [0] * 10 + [2, 2]
-  ds = data.build_dataset(
-    raw_from(pairs, fold=fold, extra=(7,)), DataConfig(), seed=0, with_meta=False
-  )
+  ds = data.build_dataset(raw_from(pairs, fold=fold, extra=(7,)), DataConfig(), seed=0)
   assert ds.summary["split"] == "presplit"
   assert len(ds.valid) == 1 and len(ds.train) == 9
   assert pair_set(ds.test) == {(0, 10), (1, 0)}
@@ -104,14 +98,11 @@ def test_rating_threshold_and_duplicates():
     raw_from(pairs, rating=[2, 5, 4, 1, 5]),
     DataConfig(min_rating=4, split_ratios=(1.0, 0.0, 0.0)),
     seed=0,
-    with_meta=False,
   )
   assert ds.summary["removed_below_min_rating"] == 2
   assert ds.summary["duplicates_collapsed"] == 0  # the low-rated copy was removed first
   assert pair_set(ds.train) == {(0, 0), (0, 1), (1, 2)}
-  ds = data.build_dataset(
-    raw_from(pairs), DataConfig(split_ratios=(1.0, 0.0, 0.0)), seed=0, with_meta=False
-  )
+  ds = data.build_dataset(raw_from(pairs), DataConfig(split_ratios=(1.0, 0.0, 0.0)), seed=0)
   assert ds.summary["duplicates_collapsed"] == 1 and len(ds.train) == 4
 
 
@@ -119,18 +110,16 @@ def test_threshold_removing_everything_is_an_error():
   with pytest.raises(
     DataError, match=r"min_rating=6 removes every interaction.*largest rating is 5"
   ):
-    data.build_dataset(
-      raw_from([(0, 0)], rating=[5]), DataConfig(min_rating=6), seed=0, with_meta=False
-    )
+    data.build_dataset(raw_from([(0, 0)], rating=[5]), DataConfig(min_rating=6), seed=0)
   with pytest.raises(DataError, match="no rating column"):
-    data.build_dataset(raw_from([(0, 0)]), DataConfig(min_rating=3), seed=0, with_meta=False)
+    data.build_dataset(raw_from([(0, 0)]), DataConfig(min_rating=3), seed=0)
 
 
 def test_kcore_iterates_until_stable():
   # user 2 has one item; removing it leaves item 2 with one user, which goes next.
   pairs = [(0, 0), (0, 1), (1, 0), (1, 1), (2, 2), (3, 2), (3, 0)]
   cfg = DataConfig(user_core=2, item_core=2, split_ratios=(1.0, 0.0, 0.0))
-  ds = data.build_dataset(raw_from(pairs), cfg, seed=0, with_meta=False)
+  ds = data.build_dataset(raw_from(pairs), cfg, seed=0)
   assert pair_set(ds.train) == {(0, 0), (0, 1), (1, 0), (1, 1)}
   assert ds.summary["removed_by_kcore"] == 3
   assert list(ds.user_ids) == [0, 1] and list(ds.item_ids) == [0, 1]
@@ -140,14 +129,14 @@ def test_string_ids_are_remapped_and_kept():
   raw = RawInteractions(
     np.array(["b", "a", "b"], object), np.array(["x", "y", "y"], object), source="t"
   )
-  ds = data.build_dataset(raw, DataConfig(split_ratios=(1.0, 0.0, 0.0)), seed=0, with_meta=False)
+  ds = data.build_dataset(raw, DataConfig(split_ratios=(1.0, 0.0, 0.0)), seed=0)
   assert list(ds.user_ids) == ["a", "b"] and list(ds.item_ids) == ["x", "y"]
   assert pair_set(ds.train) == {(1, 0), (0, 1), (1, 1)}
 
 
 def test_cold_items_are_counted():
   raw = synthetic.generate(300, 3000, 6000, 4, seed=1)  # a long tail of rare items
-  ds = data.build_dataset(raw, DataConfig(), seed=0, with_meta=False)
+  ds = data.build_dataset(raw, DataConfig(), seed=0)
   seen = set(ds.train[:, 1].tolist())
   cold = sum(i not in seen for i in ds.test[:, 1].tolist())
   assert ds.summary["cold_item_test_interactions"] == cold
@@ -156,8 +145,8 @@ def test_cold_items_are_counted():
 
 
 def test_meta_split(synth):
-  ds0 = data.build_dataset(synth, DataConfig(), seed=0, with_meta=False)
-  ds = data.build_dataset(synth, DataConfig(meta_ratio=0.1), seed=0, with_meta=True)
+  ds0 = data.build_dataset(synth, DataConfig(), seed=0)
+  ds = data.build_dataset(synth, DataConfig(), seed=0, meta_ratio=0.1)
   assert pair_set(ds.train) | pair_set(ds.meta) == pair_set(ds0.train)
   assert not pair_set(ds.train) & pair_set(ds.meta)
   n = np.bincount(ds0.train[:, 0], minlength=ds.n_users)

@@ -99,3 +99,22 @@ def test_unwritable_workdir_is_reported_first(tmp_path):
   blocker.write_text("x")
   with pytest.raises((ValueError, OSError)):
     train.train_and_evaluate(Config.from_flat(**TINY), str(blocker / "sub"))
+
+
+def test_meta_split_is_never_trained_on_and_masked(tmp_path):
+  """R_meta pairs are not positives, not graph edges, not negatives, and masked in ranking."""
+  cfg = Config.from_flat(**TINY, epochs=1, meta_ratio=0.2, model="lightgcn")
+  ds = data.load_dataset(cfg.data, seed=0, meta_ratio=0.2)
+  assert len(ds.meta) > 0
+  meta = {tuple(p) for p in ds.meta.tolist()}
+  g = graph_lib.build_graph(ds.train, ds.n_users, ds.n_items)
+  edges = set(zip(np.asarray(g.row).tolist(), (np.asarray(g.col) - ds.n_users).tolist()))
+  assert not meta & edges
+  sampler = Sampler(ds.train, ds.observed, ds.n_users, ds.n_items)
+  b = sampler.epoch(np.random.default_rng(0), 256)
+  pos = set(zip(b["user"].ravel().tolist(), b["pos"].ravel().tolist()))
+  neg = set(zip(b["user"].ravel().tolist(), b["neg"].ravel().tolist()))
+  assert not meta & pos and not meta & neg
+  final = train.train_and_evaluate(cfg, str(tmp_path))
+  summary = json.loads((tmp_path / "data_summary.json").read_text())
+  assert summary["n_meta"] == len(ds.meta) and final["best_epoch"] == 1
