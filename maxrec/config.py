@@ -178,12 +178,81 @@ class TrainConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class AuxConfig:
+  """The auxiliary tasks and how they are weighted (METHOD.md §2.4, §2.5)."""
+
+  weighting: str = _f(
+    "none",
+    "How auxiliary tasks are weighted: none (backbone alone), fixed (--aux_weights), "
+    "uncertainty (learned log-variances, Kendall et al. 2018) or meta (hypergradient).",
+    WEIGHTINGS,
+  )
+  aux_tasks: tuple[str, ...] = _f(
+    ("user_sgl", "item_sgl"),
+    "Auxiliary tasks by registered name: user_sgl, item_sgl, user_simgcl, item_cooc.",
+  )
+  aux_weights: tuple[float, ...] = _f(
+    (0.1,), "Fixed weights (or initial weights), one for all tasks or one per task."
+  )
+  ssl_temperature: float = _f(0.2, "InfoNCE temperature τ.")
+  edge_drop: float = _f(0.1, "Edge-dropout ratio ρ of the SGL views.")
+  view_layers: int | None = _f(
+    None, "Propagation layers of the views. Empty: L for LightGCN, 1 for MF [A2]."
+  )
+  simgcl_eps: float = _f(0.1, "SimGCL noise magnitude ε.")
+
+  def __post_init__(self):
+    from maxrec import auxiliary  # the registry (importing it registers the built-ins)
+
+    _check_choice("weighting", self.weighting, WEIGHTINGS)
+    for name in self.aux_tasks:
+      _check(
+        name in auxiliary.names(),
+        f"--aux_tasks: unknown task {name!r}; registered: {', '.join(auxiliary.names())}.",
+      )
+    _check(len(set(self.aux_tasks)) == len(self.aux_tasks), "--aux_tasks lists a task twice.")
+    _check(
+      self.weighting == "none" or len(self.aux_tasks) > 0,
+      f"--weighting={self.weighting} needs at least one task in --aux_tasks.",
+    )
+    _check(
+      len(self.aux_weights) in (1, len(self.aux_tasks)),
+      f"--aux_weights has {len(self.aux_weights)} values; give 1 or one per task "
+      f"({len(self.aux_tasks)}).",
+    )
+    _check(all(w > 0 for w in self.aux_weights), "--aux_weights must be positive.")
+    _check(self.ssl_temperature > 0, f"--ssl_temperature={self.ssl_temperature} must be > 0.")
+    _check(0 <= self.edge_drop < 1, f"--edge_drop={self.edge_drop} must be in [0, 1).")
+    _check(self.view_layers is None or self.view_layers >= 0, "--view_layers must be >= 0.")
+    _check(self.simgcl_eps >= 0, f"--simgcl_eps={self.simgcl_eps} must be >= 0.")
+
+  @property
+  def tasks(self) -> tuple[str, ...]:
+    """The tasks in use: none with --weighting=none."""
+    return () if self.weighting == "none" else self.aux_tasks
+
+  @property
+  def initial_weights(self) -> tuple[float, ...]:
+    """One weight per task in use."""
+    w = self.aux_weights
+    return tuple(w * len(self.tasks) if len(w) == 1 else w)[: len(self.tasks)]
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
   """Everything a run needs. Build it with `Config.from_flat(**overrides)`."""
 
   data: DataConfig = dataclasses.field(default_factory=DataConfig)
   model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
   train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+  aux: AuxConfig = dataclasses.field(default_factory=AuxConfig)
+
+  @property
+  def view_layers(self) -> int:
+    """[A2] L_v: the explicit flag, else L for LightGCN and 1 for MF."""
+    if self.aux.view_layers is not None:
+      return self.aux.view_layers
+    return self.model.num_layers if self.model.model == "lightgcn" else 1
 
   @classmethod
   def groups(cls) -> dict[str, type]:

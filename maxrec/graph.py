@@ -95,6 +95,12 @@ def edge_weights(graph: Graph, keep: jax.Array | None = None, dtype=jnp.float32)
   return m * inv_sqrt[graph.row] * inv_sqrt[graph.col]
 
 
+def degrees(graph: Graph) -> jax.Array:
+  """[N] training degree of every node (users first)."""
+  ones = jnp.ones(graph.row.shape, jnp.float32)
+  return jax.ops.segment_sum(ones, graph.row, graph.n_nodes, indices_are_sorted=True)
+
+
 def _csr_matmul(weights, col, indptr, x, n):
   return sparse.BCSR((weights.astype(x.dtype), col, indptr), shape=(n, n)) @ x
 

@@ -11,6 +11,7 @@ writes everything it measured to `workdir`:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -23,11 +24,12 @@ import optax
 from absl import logging
 from flax import struct
 
+from maxrec import auxiliary, metrics
 from maxrec import data as data_lib
 from maxrec import graph as graph_lib
-from maxrec import losses, metrics
 from maxrec.config import Config
 from maxrec.models import make_model
+from maxrec.objective import Objective, init_aux_params
 from maxrec.sampling import Sampler
 
 
@@ -39,54 +41,55 @@ class TrainState:
     step: scalar int32, optimizer steps taken.
     params: {"user": [U, d], "item": [I, d]} ego embeddings θ.
     opt_state: the inner optimizer's state.
-    key: PRNG key; step t uses `fold_in(key, t)`.
+    aux_params: φ, the unconstrained auxiliary weights [K] (traced: changing them never
+      retraces a step).
+    aux_opt_state: state of φ's optimizer (uncertainty weighting), else None.
+    key: PRNG key; step t draws its views from `fold_in(key, t)`.
   """
 
   step: jax.Array
   params: Any
   opt_state: Any
+  aux_params: Any
+  aux_opt_state: Any
   key: jax.Array
 
 
-def gather_batch(params, final_user, final_item, batch):
-  """Rows of one BPR batch: final (scoring) and ego (regularised) embeddings."""
-  u, i, j = batch["user"], batch["pos"], batch["neg"]
-  final = (final_user[u], final_item[i], final_item[j])
-  ego = (params["user"][u], params["item"][i], params["item"][j])
-  return final, ego
+def make_objective(model, cfg: Config) -> Objective:
+  settings = auxiliary.AuxSettings(
+    temperature=cfg.aux.ssl_temperature,
+    edge_drop=cfg.aux.edge_drop,
+    view_layers=cfg.view_layers,
+    simgcl_eps=cfg.aux.simgcl_eps,
+    kernel=cfg.model.propagation,
+  )
+  return Objective(model, cfg.train.l2_reg, cfg.aux.tasks, cfg.aux.weighting, settings)
 
 
-def make_loss_fn(model, cfg: Config):
-  """Returns `loss_fn(params, batch, graph, weights) -> (loss, parts)` for one batch.
-
-  loss = BPR(final embeddings) + L2(ego embeddings of the batch rows).
-  """
-  reg = cfg.train.l2_reg
-
-  def loss_fn(params, batch, graph, weights):
-    fu, fi = model.apply({"params": params}, graph, weights)
-    (eu, ei, ej), ego = gather_batch(params, fu, fi, batch)
-    bpr = losses.bpr_loss(jnp.sum(eu * ei, -1), jnp.sum(eu * ej, -1))
-    l2 = losses.l2_penalty(reg, batch["user"].shape[0], *ego)
-    return bpr + l2, {"bpr": bpr, "l2": l2}
-
-  return loss_fn
-
-
-def make_run_steps(loss_fn, tx):
-  """Jitted `run_steps(state, graph, weights, batches, start, count)`.
+def run_steps_fn(objective: Objective, tx, aux_tx=None):
+  """The pure `run_steps(state, graph, weights, batches, start, count)` (not jitted).
 
   Runs steps `start .. start+count-1` of an epoch's stacked batches `[n, B]` in one
   `fori_loop` (dynamic trip count, so one compilation serves every segment) and returns
-  the new state and the summed loss parts.
+  the new state and the summed loss parts. With `aux_tx` (uncertainty weighting) φ is
+  trained jointly with θ.
   """
 
   def step(state: TrainState, graph, weights, batch):
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    (loss, parts), grads = grad_fn(state.params, batch, graph, weights)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    new = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    key = jax.random.fold_in(state.key, state.step)
+    argnums = (0, 1) if aux_tx is not None else 0
+    grad_fn = jax.value_and_grad(objective.inner_loss, argnums=argnums, has_aux=True)
+    (loss, parts), grads = grad_fn(state.params, state.aux_params, batch, key, graph, weights)
+    g_params = grads[0] if aux_tx is not None else grads
+    updates, opt_state = tx.update(g_params, state.opt_state, state.params)
+    new = state.replace(
+      step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state
+    )
+    if aux_tx is not None:
+      upd, aux_opt_state = aux_tx.update(grads[1], state.aux_opt_state, state.aux_params)
+      new = new.replace(
+        aux_params=optax.apply_updates(state.aux_params, upd), aux_opt_state=aux_opt_state
+      )
     return new, {"loss": loss, **parts}
 
   def run_steps(state, graph, weights, batches, start, count):
@@ -100,18 +103,48 @@ def make_run_steps(loss_fn, tx):
 
     return jax.lax.fori_loop(start, start + count, body, (state, sums))
 
-  return jax.jit(run_steps, donate_argnums=(0,))
+  return run_steps
+
+
+def trace_once(fn):
+  """Makes a second trace of `fn` an error: a retrace means recompiling mid-run."""
+  traces = 0
+
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    nonlocal traces
+    traces += 1
+    if traces > 1:
+      raise RuntimeError(
+        f"{fn.__name__} was traced a second time: an argument changed shape or dtype, "
+        "which would recompile the step in the middle of a run."
+      )
+    return fn(*args, **kwargs)
+
+  return wrapped
+
+
+def make_run_steps(objective: Objective, tx, aux_tx=None):
+  """`run_steps_fn`, jitted with its state donated, and compiled at most once."""
+  return jax.jit(trace_once(run_steps_fn(objective, tx, aux_tx)), donate_argnums=(0,))
 
 
 def _index(batches, t):
   return jax.tree.map(lambda b: jax.lax.dynamic_index_in_dim(b, t, keepdims=False), batches)
 
 
-def init_state(model, tx, key) -> TrainState:
+def init_state(model, tx, key, aux_params=None, aux_tx=None) -> TrainState:
   init_key, train_key = jax.random.split(key)
   params = model.init_params(init_key)
+  if aux_params is None:
+    aux_params = jnp.zeros((0,), jnp.float32)
   return TrainState(
-    step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), key=train_key
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    opt_state=tx.init(params),
+    aux_params=aux_params,
+    aux_opt_state=None if aux_tx is None else aux_tx.init(aux_params),
+    key=train_key,
   )
 
 
@@ -182,9 +215,11 @@ def train_and_evaluate(config: Config, workdir: str) -> dict:
   weights = graph_lib.edge_weights(graph)
   model = make_model(cfg.model, ds.n_users, ds.n_items)
   tx = optax.adam(cfg.train.learning_rate)
-  state = init_state(model, tx, jax.random.key(cfg.train.seed))
-  loss_fn = make_loss_fn(model, cfg)
-  run_steps = make_run_steps(loss_fn, tx)
+  objective = make_objective(model, cfg)
+  aux_params = init_aux_params(cfg.aux.weighting, cfg.aux.initial_weights)
+  aux_tx = optax.adam(cfg.train.learning_rate) if cfg.aux.weighting == "uncertainty" else None
+  state = init_state(model, tx, jax.random.key(cfg.train.seed), aux_params, aux_tx)
+  run_steps = make_run_steps(objective, tx, aux_tx)
   embed = jax.jit(lambda p, g, w: model.apply({"params": p}, g, w))
 
   valid_set = metrics.build_eval_set(ds.valid, ds.observed, ds.n_users, cfg.train.eval_batch_size)
@@ -218,7 +253,10 @@ def train_and_evaluate(config: Config, workdir: str) -> dict:
       interactions_per_s=n_triples / t_train,
       elapsed_s=time.perf_counter() - t_start,
     )
-    msg = f"epoch {epoch:3d} | {_fmt(record, ('loss', 'bpr', 'l2'))} | {t_train:.2f}s"
+    msg = f"epoch {epoch:3d} | {_fmt(record, ('loss', 'bpr', 'l2', *objective.task_names))}"
+    if objective.task_names:
+      msg += " | w " + " ".join(f"{k}={record['weight_' + k]:.3g}" for k in objective.task_names)
+    msg += f" | {t_train:.2f}s"
     msg += f" ({record['interactions_per_s']:,.0f} interactions/s)"
     if epoch % cfg.train.eval_every == 0 or epoch == cfg.train.epochs:
       fu, fi = embed(state.params, graph, weights)

@@ -28,7 +28,7 @@ def setup_run(**overrides):
   model = make_model(cfg.model, ds.n_users, ds.n_items)
   tx = optax.adam(cfg.train.learning_rate)
   state = train.init_state(model, tx, jax.random.key(0))
-  run_steps = train.make_run_steps(train.make_loss_fn(model, cfg), tx)
+  run_steps = train.make_run_steps(train.make_objective(model, cfg), tx)
   sampler = Sampler(ds.train, ds.observed, ds.n_users, ds.n_items)
   return cfg, ds, g, w, state, run_steps, sampler
 

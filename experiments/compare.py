@@ -1,0 +1,157 @@
+"""Runs methods x seeds on one data set and writes a comparison table.
+
+  python -m experiments.compare --data_path=../shared/datasets/ml-100k/u.data \
+      --methods=mf,lightgcn,lightgcn_fixed --seeds=0,1,2 --out=results/ml100k
+
+Every (method, seed) run lives in OUT/runs/<method>/seed<k>/, and a run whose
+final_metrics.json exists is skipped, so an interrupted comparison resumes where it stopped.
+A method family with a grid (e.g. `lightgcn_fixed`: one run per weight in --fixed_grid)
+is reduced to the grid value with the best mean validation score, the selection the table
+reports. Outputs: OUT/results.csv (one row per run) and OUT/results.md (mean ± std).
+Any config flag (e.g. --epochs) applies to every run.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+import time
+
+import numpy as np
+from absl import app, flags, logging
+
+from experiments.config_flags import config_from_flags, define_config_flags
+
+define_config_flags()
+flags.DEFINE_list("methods", ["mf", "lightgcn", "lightgcn_fixed"], "Methods to compare.")
+flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (each sets --seed).")
+flags.DEFINE_string("out", "results/compare", "Output folder (resumable).")
+flags.DEFINE_list("fixed_grid", ["0.001", "0.01", "0.1"], "Weights tried by *_fixed methods.")
+flags.DEFINE_list("report", ["recall@20", "ndcg@20"], "Metrics in the table.")
+
+# A method is a set of config overrides; a family with "grid" expands to one run per value.
+METHODS = {
+  "mf": dict(model="mf", weighting="none"),
+  "lightgcn": dict(model="lightgcn", weighting="none"),
+  "mf_fixed": dict(model="mf", weighting="fixed", grid="aux_weights"),
+  "lightgcn_fixed": dict(model="lightgcn", weighting="fixed", grid="aux_weights"),
+  "mf_uncertainty": dict(model="mf", weighting="uncertainty"),
+  "lightgcn_uncertainty": dict(model="lightgcn", weighting="uncertainty"),
+}
+
+
+def expand(method: str, grid: list[str]) -> list[tuple[str, dict]]:
+  """(run name, overrides) of a method; grid families give one run per value."""
+  if method not in METHODS:
+    raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}.")
+  spec = dict(METHODS[method])
+  field = spec.pop("grid", None)
+  if field is None:
+    return [(method, spec)]
+  return [(f"{method}@{v}", {**spec, field: (float(v),)}) for v in grid]
+
+
+def run_one(base, name, overrides, seed, out):
+  from maxrec.train import train_and_evaluate
+
+  workdir = os.path.join(out, "runs", name, f"seed{seed}")
+  done = os.path.join(workdir, "final_metrics.json")
+  if os.path.exists(done):
+    logging.info("skip %s seed %d (done)", name, seed)
+    with open(done) as f:
+      return json.load(f)
+  logging.info("run %s seed %d -> %s", name, seed, workdir)
+  config = base.replace(**overrides, seed=seed)
+  return train_and_evaluate(config, workdir)
+
+
+def mean_std(values) -> str:
+  v = np.asarray(values, float)
+  return f"{v.mean():.4f} ± {v.std(ddof=1) if len(v) > 1 else 0.0:.4f}"
+
+
+def write_tables(rows, families, report, select, out, command):
+  with open(os.path.join(out, "results.csv"), "w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(
+      ["method", "run", "seed", "best_epoch", "wall_s"]
+      + [f"valid_{m}" for m in report]
+      + [f"test_{m}" for m in report]
+    )
+    for r in rows:
+      w.writerow(
+        [r["method"], r["run"], r["seed"], r["best_epoch"], f"{r['wall_s']:.1f}"]
+        + [f"{r['valid'][m]:.5f}" for m in report]
+        + [f"{r['test'][m]:.5f}" for m in report]
+      )
+  lines = [
+    f"Command: `{command}`",
+    "",
+    f"Mean ± std over seeds; test metrics at the best validation epoch; grid families "
+    f"reduced to the value with the best mean validation {select}.",
+    "",
+    "| method | selected | "
+    + " | ".join(f"test {m}" for m in report)
+    + f" | valid {select} | epochs (mean) |",
+    "|---" * (4 + len(report)) + "|",
+  ]
+  for method, runs in families.items():
+    best = max(runs, key=lambda run: np.mean([r["valid"][select] for r in rows if r["run"] == run]))
+    sel = [r for r in rows if r["run"] == best]
+    cells = [mean_std([r["test"][m] for r in sel]) for m in report]
+    lines.append(
+      f"| {method} | {best.split('@')[1] if '@' in best else ''} | "
+      + " | ".join(cells)
+      + f" | {mean_std([r['valid'][select] for r in sel])} | {np.mean([r['best_epoch'] for r in sel]):.0f} |"
+    )
+  grid_runs = [run for runs in families.values() if len(runs) > 1 for run in runs]
+  if grid_runs:
+    lines += [
+      "",
+      "Every grid value:",
+      "",
+      "| run | " + " | ".join(f"test {m}" for m in report) + f" | valid {select} |",
+    ]
+    lines.append("|---" * (2 + len(report)) + "|")
+    for run in grid_runs:
+      sel = [r for r in rows if r["run"] == run]
+      lines.append(
+        f"| {run} | "
+        + " | ".join(mean_std([r["test"][m] for r in sel]) for m in report)
+        + f" | {mean_std([r['valid'][select] for r in sel])} |"
+      )
+  with open(os.path.join(out, "results.md"), "w") as f:
+    f.write("\n".join(lines) + "\n")
+  return "\n".join(lines)
+
+
+def main(argv):
+  del argv
+  fv = flags.FLAGS
+  try:
+    base = config_from_flags()
+    plan = {m: expand(m, fv.fixed_grid) for m in fv.methods}
+    seeds = [int(s) for s in fv.seeds]
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  os.makedirs(fv.out, exist_ok=True)
+  select = base.train.early_stop_metric
+  report = list(dict.fromkeys([*fv.report, select]))
+  rows, t0 = [], time.perf_counter()
+  for method, runs in plan.items():
+    for name, overrides in runs:
+      for seed in seeds:
+        final = run_one(base, name, overrides, seed, fv.out)
+        rows.append(dict(method=method, run=name, seed=seed, **final))
+  families = {m: [name for name, _ in runs] for m, runs in plan.items()}
+  command = "python -m experiments.compare " + " ".join(sys.argv[1:])
+  print(write_tables(rows, families, report, select, fv.out, command))
+  logging.info("compare finished in %.0f s", time.perf_counter() - t0)
+  return 0
+
+
+if __name__ == "__main__":
+  app.run(lambda argv: sys.exit(main(argv)))
