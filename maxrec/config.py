@@ -112,10 +112,13 @@ class DataConfig:
     _check(self.user_core >= 0 and self.item_core >= 0, "--user_core/--item_core must be >= 0.")
     for name in ("synth_users", "synth_items", "synth_interactions", "synth_clusters"):
       _check(getattr(self, name) >= 1, f"--{name}={getattr(self, name)} must be >= 1.")
+    per_user_max = max(5, self.synth_items // 4)  # the generator's cap per user
     _check(
-      self.synth_interactions <= self.synth_users * self.synth_items // 2,
-      f"--synth_interactions={self.synth_interactions} is more than half of "
-      f"{self.synth_users} users x {self.synth_items} items; lower it.",
+      5 * self.synth_users <= self.synth_interactions <= per_user_max * self.synth_users,
+      f"--synth_interactions={self.synth_interactions} must be between 5 and "
+      f"max(5, synth_items/4) = {per_user_max} per user, i.e. in "
+      f"[{5 * self.synth_users}, {per_user_max * self.synth_users}] for "
+      f"{self.synth_users} users.",
     )
 
 
@@ -126,10 +129,10 @@ class ModelConfig:
   model: str = _f("mf", "Backbone: matrix factorisation or LightGCN.", MODELS)
   embedding_dim: int = _f(64, "Embedding dimension d.")
   num_layers: int = _f(3, "LightGCN propagation layers L.")
-  init_std: float = _f(
-    0.02,
-    "Embeddings start N(0, init_std^2). LightGCN-PyTorch uses 0.1; 0.02 won on ML-100K "
-    "validation (BUILD_NOTES.md).",
+  init_std: float | None = _f(
+    None,
+    "Embeddings start N(0, init_std^2). Empty: 0.1 for LightGCN (LightGCN-PyTorch) and "
+    "0.02 for MF, the values that won on ML-100K validation (BUILD_NOTES.md).",
   )
   propagation: str = _f(
     "bcsr",
@@ -143,7 +146,13 @@ class ModelConfig:
     _check_choice("propagation", self.propagation, PROPAGATIONS)
     _check(self.embedding_dim >= 1, f"--embedding_dim={self.embedding_dim} must be >= 1.")
     _check(self.num_layers >= 0, f"--num_layers={self.num_layers} must be >= 0.")
-    _check(self.init_std > 0, f"--init_std={self.init_std} must be > 0.")
+    _check(self.init_std is None or self.init_std > 0, f"--init_std={self.init_std} must be > 0.")
+
+  @property
+  def resolved_init_std(self) -> float:
+    if self.init_std is not None:
+      return self.init_std
+    return 0.1 if self.model == "lightgcn" else 0.02
 
 
 @dataclasses.dataclass(frozen=True)
@@ -239,6 +248,52 @@ class AuxConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class MetaConfig:
+  """The outer loop of --weighting=meta (METHOD.md §3.1–3.2)."""
+
+  hypergrad: str = _f(
+    "cg",
+    "Hypergradient: implicit with damped CG, implicit with a Neumann series, unrolled "
+    "differentiation through --unroll_steps SGD steps, or first-order alignment.",
+    HYPERGRADS,
+  )
+  cg_iters: int = _f(5, "CG iterations J (also the Neumann series' terms).")
+  cg_tol: float = _f(1e-6, "CG stops early once the relative residual is below this.")
+  damping_rel: float = _f(0.1, "[A7] Damping δ = damping_rel x λ̂_max.")
+  power_iters: int = _f(5, "Power iterations for λ̂_max.")
+  power_every: int = _f(10, "Refresh λ̂_max every this many meta steps.")
+  meta_every: int = _f(50, "N: one meta step every this many inner steps.")
+  warmup_epochs: int = _f(1, "W: inner epochs before the first meta step.")
+  meta_lr: float = _f(1e-2, "Adam learning rate on φ.")
+  meta_clip: float = _f(10.0, "Global-norm clip of the hypergradient.")
+  meta_batch_size: int = _f(4096, "|B_m|: triples from the meta split per meta step.")
+  hyper_batch_size: int = _f(2048, "|B_h|: inner triples defining the Hessian per meta step.")
+  w_max: float = _f(10.0, "Upper bound on each learned weight.")
+  unroll_steps: int = _f(5, "T: SGD steps differentiated through by --hypergrad=unrolled.")
+  max_residual: float = _f(
+    1.0, "A solve whose relative residual exceeds this counts as failed; its update is skipped."
+  )
+  mixed_partial: str = _f(
+    "auto",
+    "How ∂²L_in/∂φ∂θ · v is taken: vjp (reverse-over-reverse), jvp (one forward pass per "
+    "weight), or auto (jvp for <= 8 weights).",
+    ("auto", "vjp", "jvp"),
+  )
+  weight_net: bool = _f(False, "[A6] Per-entity weights from a small MLP instead of scalars.")
+
+  def __post_init__(self):
+    _check_choice("hypergrad", self.hypergrad, HYPERGRADS)
+    for name in ("power_iters", "power_every", "meta_every", "meta_batch_size", "hyper_batch_size"):
+      _check(getattr(self, name) >= 1, f"--{name}={getattr(self, name)} must be >= 1.")
+    _check(self.cg_iters >= 0, f"--cg_iters={self.cg_iters} must be >= 0.")
+    _check(self.unroll_steps >= 1, f"--unroll_steps={self.unroll_steps} must be >= 1.")
+    _check(self.warmup_epochs >= 0, f"--warmup_epochs={self.warmup_epochs} must be >= 0.")
+    _check(self.damping_rel >= 0, f"--damping_rel={self.damping_rel} must be >= 0.")
+    _check(self.meta_lr > 0 and self.meta_clip > 0, "--meta_lr and --meta_clip must be > 0.")
+    _check(self.w_max > 0, f"--w_max={self.w_max} must be > 0.")
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
   """Everything a run needs. Build it with `Config.from_flat(**overrides)`."""
 
@@ -246,6 +301,20 @@ class Config:
   model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
   train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
   aux: AuxConfig = dataclasses.field(default_factory=AuxConfig)
+  meta: MetaConfig = dataclasses.field(default_factory=MetaConfig)
+
+  def __post_init__(self):
+    _check(
+      not (self.aux.weighting == "meta" and self.data.meta_ratio == 0),
+      "--weighting=meta needs a meta split: --meta_ratio must be > 0 (empty means 0.1).",
+    )
+
+  @property
+  def meta_ratio(self) -> float:
+    """[A1] The meta split's share: the flag, else 0.1 with --weighting=meta, else 0."""
+    if self.data.meta_ratio is not None:
+      return self.data.meta_ratio
+    return 0.1 if self.aux.weighting == "meta" else 0.0
 
   @property
   def view_layers(self) -> int:

@@ -58,7 +58,7 @@ def make_model(config, num_users: int, num_items: int) -> MF:
     num_users=num_users,
     num_items=num_items,
     features=config.embedding_dim,
-    init_std=config.init_std,
+    init_std=config.resolved_init_std,
   )
   if config.model == "mf":
     return MF(**kw)

@@ -10,10 +10,7 @@ writes everything it measured to `workdir`:
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import json
-import os
 import time
 from typing import Any
 
@@ -27,9 +24,11 @@ from flax import struct
 from maxrec import auxiliary, metrics
 from maxrec import data as data_lib
 from maxrec import graph as graph_lib
+from maxrec import meta as meta_lib
 from maxrec.config import Config
 from maxrec.models import make_model
-from maxrec.objective import Objective, init_aux_params
+from maxrec.objective import Objective, aux_weights, init_aux_params
+from maxrec.runfiles import RunFiles
 from maxrec.sampling import Sampler
 
 
@@ -63,7 +62,13 @@ def make_objective(model, cfg: Config) -> Objective:
     simgcl_eps=cfg.aux.simgcl_eps,
     kernel=cfg.model.propagation,
   )
-  return Objective(model, cfg.train.l2_reg, cfg.aux.tasks, cfg.aux.weighting, settings)
+  weight_net = None
+  if cfg.aux.weighting == "meta" and cfg.meta.weight_net:
+    net = meta_lib.WeightNet(len(cfg.aux.tasks), init_weight=cfg.aux.initial_weights[0])
+    weight_net = lambda params, feats: net.apply({"params": params}, feats)  # noqa: E731
+  return Objective(
+    model, cfg.train.l2_reg, cfg.aux.tasks, cfg.aux.weighting, settings, weight_net=weight_net
+  )
 
 
 def run_steps_fn(objective: Objective, tx, aux_tx=None):
@@ -148,41 +153,6 @@ def init_state(model, tx, key, aux_params=None, aux_tx=None) -> TrainState:
   )
 
 
-class RunFiles:
-  """The files a run writes to its work directory."""
-
-  def __init__(self, workdir: str):
-    self.workdir = workdir
-    os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, ".write_test")
-    try:
-      with open(probe, "w") as f:
-        f.write("ok")
-      os.remove(probe)
-    except OSError as e:
-      raise ValueError(f"--workdir={workdir} is not writable: {e.strerror}.") from None
-    self._metrics = open(os.path.join(workdir, "metrics.jsonl"), "w")
-
-  def write_json(self, name: str, obj) -> None:
-    tmp = os.path.join(self.workdir, name + ".tmp")
-    with open(tmp, "w") as f:
-      json.dump(obj, f, indent=2, default=_json_default)
-    os.replace(tmp, os.path.join(self.workdir, name))
-
-  def log_metrics(self, record: dict) -> None:
-    self._metrics.write(json.dumps(record, default=_json_default) + "\n")
-    self._metrics.flush()
-
-  def close(self) -> None:
-    self._metrics.close()
-
-
-def _json_default(x):
-  if isinstance(x, (np.generic, jax.Array)):
-    return np.asarray(x).tolist()
-  raise TypeError(f"not JSON serialisable: {type(x)}")
-
-
 def _fmt(d: dict, keys) -> str:
   return " ".join(f"{k}={d[k]:.4f}" for k in keys if k in d)
 
@@ -199,28 +169,31 @@ def train_and_evaluate(config: Config, workdir: str) -> dict:
     ValueError: bad data or configuration, with a message naming the problem.
   """
   t_start = time.perf_counter()
-  files = RunFiles(workdir)
   cfg = config
+  files = RunFiles(workdir)
   files.write_json("config.json", cfg.flat())
-  meta_ratio = cfg.data.meta_ratio or 0.0
-  ds = data_lib.load_dataset(cfg.data, seed=cfg.train.seed, meta_ratio=meta_ratio)
+  ds = data_lib.load_dataset(cfg.data, seed=cfg.train.seed, meta_ratio=cfg.meta_ratio)
   logging.info("%s", data_lib.describe(ds))
   for w in data_lib.warnings(ds):
     logging.warning("%s", w)
   files.write_json("data_summary.json", ds.summary)
 
-  np_rng = np.random.default_rng(cfg.train.seed)
+  rng = np.random.default_rng(cfg.train.seed)
   sampler = Sampler(ds.train, ds.observed, ds.n_users, ds.n_items)
   graph = graph_lib.build_graph(ds.train, ds.n_users, ds.n_items)
   weights = graph_lib.edge_weights(graph)
   model = make_model(cfg.model, ds.n_users, ds.n_items)
+  objective, aux_params = make_objective(model, cfg), initial_aux_params(cfg)
   tx = optax.adam(cfg.train.learning_rate)
-  objective = make_objective(model, cfg)
-  aux_params = init_aux_params(cfg.aux.weighting, cfg.aux.initial_weights)
   aux_tx = optax.adam(cfg.train.learning_rate) if cfg.aux.weighting == "uncertainty" else None
   state = init_state(model, tx, jax.random.key(cfg.train.seed), aux_params, aux_tx)
   run_steps = make_run_steps(objective, tx, aux_tx)
   embed = jax.jit(lambda p, g, w: model.apply({"params": p}, g, w))
+  n_batches = sampler.num_batches(cfg.train.batch_size)
+  meta = None
+  if cfg.aux.weighting == "meta":
+    meta = meta_lib.MetaRunner(objective, cfg, sampler, ds, aux_params, rng, n_batches)
+    logging.info("%s", meta.describe())
 
   valid_set = metrics.build_eval_set(ds.valid, ds.observed, ds.n_users, cfg.train.eval_batch_size)
   test_exclude = np.concatenate([ds.observed, ds.valid])
@@ -233,31 +206,30 @@ def train_and_evaluate(config: Config, workdir: str) -> dict:
   )
 
   ks, select = cfg.train.topk, cfg.train.early_stop_metric
-  best = {"epoch": 0, "score": -np.inf, "valid": {}, "params": None}
+  best = {"epoch": 0, "score": -np.inf, "valid": {}, "params": state.params, "aux": None}
   bad_evals = 0
-  n_batches = sampler.num_batches(cfg.train.batch_size)
-  n_triples = n_batches * cfg.train.batch_size
   for epoch in range(1, cfg.train.epochs + 1):
     t0 = time.perf_counter()
-    batches = jax.device_put(sampler.epoch(np_rng, cfg.train.batch_size))
+    batches = jax.device_put(sampler.epoch(rng, cfg.train.batch_size))
     t_sample = time.perf_counter() - t0
-    state, sums = run_steps(state, graph, weights, batches, jnp.int32(0), jnp.int32(n_batches))
-    sums = jax.device_get(sums)
-    t_train = time.perf_counter() - t0
-    record = {"epoch": epoch, **{k: float(v) / n_batches for k, v in sums.items()}}
+    state, sums, meta_s = _train_epoch(
+      run_steps, state, graph, weights, batches, meta, files, epoch
+    )
+    t_epoch = time.perf_counter() - t0
+    record = {"epoch": epoch, **{k: float(v) / n_batches for k, v in jax.device_get(sums).items()}}
     if not np.isfinite(record["loss"]):
       raise FloatingPointError(f"epoch {epoch}: the training loss is {record['loss']}.")
     record.update(
-      epoch_s=t_train,
+      epoch_s=t_epoch,
       sample_s=t_sample,
-      interactions_per_s=n_triples / t_train,
+      meta_s=meta_s,
+      interactions_per_s=n_batches * cfg.train.batch_size / t_epoch,
       elapsed_s=time.perf_counter() - t_start,
     )
     msg = f"epoch {epoch:3d} | {_fmt(record, ('loss', 'bpr', 'l2', *objective.task_names))}"
     if objective.task_names:
       msg += " | w " + " ".join(f"{k}={record['weight_' + k]:.3g}" for k in objective.task_names)
-    msg += f" | {t_train:.2f}s"
-    msg += f" ({record['interactions_per_s']:,.0f} interactions/s)"
+    msg += f" | {t_epoch:.2f}s ({record['interactions_per_s']:,.0f} interactions/s)"
     if epoch % cfg.train.eval_every == 0 or epoch == cfg.train.epochs:
       fu, fi = embed(state.params, graph, weights)
       valid = metrics.evaluate(fu, fi, valid_set, ks)
@@ -266,11 +238,12 @@ def train_and_evaluate(config: Config, workdir: str) -> dict:
       if valid[select] > best["score"]:
         best.update(epoch=epoch, score=valid[select], valid=valid)
         best["params"] = jax.tree.map(jnp.copy, state.params)
+        best["aux"] = jax.device_get(state.aux_params)
         bad_evals = 0
       else:
         bad_evals += 1
     logging.info("%s | elapsed %.1fs", msg, record["elapsed_s"])
-    files.log_metrics(record)
+    files.append("metrics.jsonl", record)
     if bad_evals >= cfg.train.patience:
       logging.info("early stop: %s did not improve for %d validations", select, bad_evals)
       break
@@ -287,16 +260,63 @@ def train_and_evaluate(config: Config, workdir: str) -> dict:
     "epochs_run": epoch,
     "wall_s": time.perf_counter() - t_start,
   }
+  if objective.task_names and not (cfg.aux.weighting == "meta" and cfg.meta.weight_net):
+    final.update(_weights_summary(cfg, objective, best["aux"], state.aux_params))
+  if meta is not None:
+    final["meta"] = meta.summary()
   files.write_json("final_metrics.json", final)
   files.close()
   logging.info(
-    "best epoch %d | test %s | popularity %s",
+    "best epoch %d | test %s | popularity %s%s",
     best["epoch"],
     _fmt(test, ("recall@20", "ndcg@20")),
     _fmt(popularity, ("recall@20", "ndcg@20")),
+    "".join(f" | w {k}={v:.3g}" for k, v in final.get("aux_weights", {}).items()),
   )
   return final
 
 
-def config_to_dict(config: Config) -> dict:
-  return dataclasses.asdict(config)
+def initial_aux_params(cfg: Config):
+  """φ at the start: scalar weights, or the [A6] network's parameters."""
+  if cfg.aux.weighting == "meta" and cfg.meta.weight_net:
+    net = meta_lib.WeightNet(len(cfg.aux.tasks), init_weight=cfg.aux.initial_weights[0])
+    return net.init(jax.random.key(cfg.train.seed + 1), jnp.zeros((1, 2)))["params"]
+  return init_aux_params(cfg.aux.weighting, cfg.aux.initial_weights)
+
+
+def _weights_summary(cfg, objective, best_aux, last_aux) -> dict:
+  """The auxiliary weights at the selected epoch and at the end."""
+  if not objective.task_names or best_aux is None:
+    return {}
+  names = objective.task_names
+  w_best = np.asarray(aux_weights(cfg.aux.weighting, jnp.asarray(best_aux))[0])
+  w_last = np.asarray(aux_weights(cfg.aux.weighting, last_aux)[0])
+  return {
+    "aux_weights": dict(zip(names, w_best.tolist())),
+    "aux_weights_final": dict(zip(names, w_last.tolist())),
+  }
+
+
+def _train_epoch(run_steps, state, graph, weights, batches, meta, files, epoch):
+  """Runs one epoch's steps in segments cut at meta steps; returns (state, sums, meta s)."""
+  n = batches["user"].shape[0]
+  step0 = int(state.step)
+  cuts = meta.cut_points(step0, n) if meta is not None else []
+  sums, start, meta_s = None, 0, 0.0
+  for stop in [*cuts, n]:
+    if stop > start:
+      t0 = time.perf_counter()
+      state, part = run_steps(
+        state, graph, weights, batches, jnp.int32(start), jnp.int32(stop - start)
+      )
+      if meta is not None:
+        jax.block_until_ready(state.params)
+        meta.observe_inner(time.perf_counter() - t0, stop - start)
+      sums = part if sums is None else jax.tree.map(jnp.add, sums, part)
+    if stop in cuts:
+      t0 = time.perf_counter()
+      state, record = meta.step(state, graph, weights)
+      meta_s += time.perf_counter() - t0
+      files.append("meta.jsonl", {"epoch": epoch, **record})
+    start = stop
+  return state, sums, meta_s
