@@ -31,15 +31,24 @@ flags.DEFINE_string("out", "results/compare", "Output folder (resumable).")
 flags.DEFINE_list("fixed_grid", ["0.001", "0.01", "0.1"], "Weights tried by *_fixed methods.")
 flags.DEFINE_list("report", ["recall@20", "ndcg@20"], "Metrics in the table.")
 
+
 # A method is a set of config overrides; a family with "grid" expands to one run per value.
-METHODS = {
-  "mf": dict(model="mf", weighting="none"),
-  "lightgcn": dict(model="lightgcn", weighting="none"),
-  "mf_fixed": dict(model="mf", weighting="fixed", grid="aux_weights"),
-  "lightgcn_fixed": dict(model="lightgcn", weighting="fixed", grid="aux_weights"),
-  "mf_uncertainty": dict(model="mf", weighting="uncertainty"),
-  "lightgcn_uncertainty": dict(model="lightgcn", weighting="uncertainty"),
-}
+def _methods() -> dict[str, dict]:
+  out = {}
+  for b in ("mf", "lightgcn"):
+    out[b] = dict(model=b, weighting="none")
+    out[f"{b}_fixed"] = dict(model=b, weighting="fixed", grid="aux_weights")
+    out[f"{b}_uncertainty"] = dict(model=b, weighting="uncertainty")
+    out[f"{b}_meta"] = dict(model=b, weighting="meta", hypergrad="cg")
+    for h in ("neumann", "unrolled", "first_order"):
+      out[f"{b}_meta_{h}"] = dict(model=b, weighting="meta", hypergrad=h)
+    out[f"{b}_meta_user"] = dict(model=b, weighting="meta", aux_tasks=("user_sgl",))
+    out[f"{b}_meta_item"] = dict(model=b, weighting="meta", aux_tasks=("item_sgl",))
+  return out
+
+
+METHODS = _methods()
+BASELINE_WEIGHTINGS = ("none", "fixed", "uncertainty")
 
 
 def expand(method: str, grid: list[str]) -> list[tuple[str, dict]]:
@@ -61,10 +70,10 @@ def run_one(base, name, overrides, seed, out):
   if os.path.exists(done):
     logging.info("skip %s seed %d (done)", name, seed)
     with open(done) as f:
-      return json.load(f)
+      return json.load(f), workdir
   logging.info("run %s seed %d -> %s", name, seed, workdir)
   config = base.replace(**overrides, seed=seed)
-  return train_and_evaluate(config, workdir)
+  return train_and_evaluate(config, workdir), workdir
 
 
 def mean_std(values) -> str:
@@ -72,48 +81,74 @@ def mean_std(values) -> str:
   return f"{v.mean():.4f} ± {v.std(ddof=1) if len(v) > 1 else 0.0:.4f}"
 
 
+def summarise(rows, families, select):
+  """Per family: the selected grid run (best mean validation `select`) and its rows."""
+  out = {}
+  for method, runs in families.items():
+    best = max(runs, key=lambda run: np.mean([r["valid"][select] for r in rows if r["run"] == run]))
+    out[method] = (best, [r for r in rows if r["run"] == best])
+  return out
+
+
+def improvement(summary, method, metric) -> str:
+  """Relative change of `method`'s mean test metric over the best baseline of its backbone
+  (backbone alone, fixed or uncertainty weighting), as the paper reports gains."""
+  spec = METHODS[method]
+  if spec["weighting"] in BASELINE_WEIGHTINGS:
+    return ""
+  base = [
+    np.mean([r["test"][metric] for r in runs])
+    for m, (_, runs) in summary.items()
+    if METHODS[m]["weighting"] in BASELINE_WEIGHTINGS and METHODS[m]["model"] == spec["model"]
+  ]
+  if not base:
+    return ""
+  ours = np.mean([r["test"][metric] for r in summary[method][1]])
+  return f"{100 * (ours / max(base) - 1):+.1f}%"
+
+
 def write_tables(rows, families, report, select, out, command):
   with open(os.path.join(out, "results.csv"), "w", newline="") as f:
     w = csv.writer(f)
     w.writerow(
-      ["method", "run", "seed", "best_epoch", "wall_s"]
+      ["method", "run", "seed", "best_epoch", "epochs_run", "wall_s"]
       + [f"valid_{m}" for m in report]
       + [f"test_{m}" for m in report]
+      + ["aux_weights"]
     )
     for r in rows:
       w.writerow(
-        [r["method"], r["run"], r["seed"], r["best_epoch"], f"{r['wall_s']:.1f}"]
+        [r["method"], r["run"], r["seed"], r["best_epoch"], r["epochs_run"], f"{r['wall_s']:.1f}"]
         + [f"{r['valid'][m]:.5f}" for m in report]
         + [f"{r['test'][m]:.5f}" for m in report]
+        + [json.dumps(r.get("aux_weights", {}))]
       )
+  summary = summarise(rows, families, select)
+  head = report[0]
   lines = [
     f"Command: `{command}`",
     "",
-    f"Mean ± std over seeds; test metrics at the best validation epoch; grid families "
-    f"reduced to the value with the best mean validation {select}.",
+    f"Mean ± std over seeds of the test metrics at the best validation epoch. Grid "
+    f"families are reduced to the value with the best mean validation {select}. "
+    f"'vs best baseline' is the relative change of mean test {head} over the best of the "
+    "backbone alone, fixed and uncertainty weighting on the same backbone.",
     "",
     "| method | selected | "
     + " | ".join(f"test {m}" for m in report)
-    + f" | valid {select} | epochs (mean) |",
-    "|---" * (4 + len(report)) + "|",
+    + f" | vs best baseline | valid {select} | best epoch | wall s |",
+    "|---" * (6 + len(report)) + "|",
   ]
-  for method, runs in families.items():
-    best = max(runs, key=lambda run: np.mean([r["valid"][select] for r in rows if r["run"] == run]))
-    sel = [r for r in rows if r["run"] == best]
-    cells = [mean_std([r["test"][m] for r in sel]) for m in report]
+  for method, (best, sel) in summary.items():
     lines.append(
       f"| {method} | {best.split('@')[1] if '@' in best else ''} | "
-      + " | ".join(cells)
-      + f" | {mean_std([r['valid'][select] for r in sel])} | {np.mean([r['best_epoch'] for r in sel]):.0f} |"
+      + " | ".join(mean_std([r["test"][m] for r in sel]) for m in report)
+      + f" | {improvement(summary, method, head)} | {mean_std([r['valid'][select] for r in sel])}"
+      + f" | {np.mean([r['best_epoch'] for r in sel]):.0f} | {np.mean([r['wall_s'] for r in sel]):.0f} |"
     )
   grid_runs = [run for runs in families.values() if len(runs) > 1 for run in runs]
   if grid_runs:
-    lines += [
-      "",
-      "Every grid value:",
-      "",
-      "| run | " + " | ".join(f"test {m}" for m in report) + f" | valid {select} |",
-    ]
+    lines += ["", "Every grid value:", ""]
+    lines.append("| run | " + " | ".join(f"test {m}" for m in report) + f" | valid {select} |")
     lines.append("|---" * (2 + len(report)) + "|")
     for run in grid_runs:
       sel = [r for r in rows if r["run"] == run]
@@ -122,9 +157,41 @@ def write_tables(rows, families, report, select, out, command):
         + " | ".join(mean_std([r["test"][m] for r in sel]) for m in report)
         + f" | {mean_std([r['valid'][select] for r in sel])} |"
       )
+  learned = [
+    (m, sel)
+    for m, (_, sel) in summary.items()
+    if sel and sel[0].get("aux_weights") and METHODS[m]["weighting"] != "fixed"
+  ]
+  if learned:
+    lines += ["", "Learned weights at the selected epoch (mean over seeds):", ""]
+    for method, sel in learned:
+      tasks = sel[0]["aux_weights"]
+      lines.append(
+        f"- {method}: "
+        + ", ".join(f"{t} {np.mean([r['aux_weights'][t] for r in sel]):.4g}" for t in tasks)
+      )
+  text = "\n".join(lines) + "\n"
   with open(os.path.join(out, "results.md"), "w") as f:
-    f.write("\n".join(lines) + "\n")
-  return "\n".join(lines)
+    f.write(text)
+  return text, summary
+
+
+def write_plots(summary, out) -> list[str]:
+  """Validation curves and weight trajectories of each family's selected run, first seed."""
+  try:
+    from experiments import plots
+  except ImportError:
+    return []
+  runs = {m: sel[0]["workdir"] for m, (_, sel) in summary.items() if sel}
+  try:
+    paths = [plots.plot_validation(runs, os.path.join(out, "validation.png"))]
+  except ImportError as e:
+    logging.warning("no plots: %s", e)
+    return []
+  weighted = {m: d for m, d in runs.items() if METHODS[m]["weighting"] != "none"}
+  if weighted:
+    paths.append(plots.plot_weights(weighted, os.path.join(out, "weights.png")))
+  return paths
 
 
 def main(argv):
@@ -144,11 +211,14 @@ def main(argv):
   for method, runs in plan.items():
     for name, overrides in runs:
       for seed in seeds:
-        final = run_one(base, name, overrides, seed, fv.out)
-        rows.append(dict(method=method, run=name, seed=seed, **final))
+        final, workdir = run_one(base, name, overrides, seed, fv.out)
+        rows.append(dict(method=method, run=name, seed=seed, workdir=workdir, **final))
   families = {m: [name for name, _ in runs] for m, runs in plan.items()}
   command = "python -m experiments.compare " + " ".join(sys.argv[1:])
-  print(write_tables(rows, families, report, select, fv.out, command))
+  text, summary = write_tables(rows, families, report, select, fv.out, command)
+  print(text)
+  for path in write_plots(summary, fv.out):
+    print(f"plot: {path}")
   logging.info("compare finished in %.0f s", time.perf_counter() - t0)
   return 0
 

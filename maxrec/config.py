@@ -191,7 +191,7 @@ class AuxConfig:
   """The auxiliary tasks and how they are weighted (METHOD.md §2.4, §2.5)."""
 
   weighting: str = _f(
-    "none",
+    "meta",
     "How auxiliary tasks are weighted: none (backbone alone), fixed (--aux_weights), "
     "uncertainty (learned log-variances, Kendall et al. 2018) or meta (hypergradient).",
     WEIGHTINGS,
@@ -271,7 +271,9 @@ class MetaConfig:
   w_max: float = _f(10.0, "Upper bound on each learned weight.")
   unroll_steps: int = _f(5, "T: SGD steps differentiated through by --hypergrad=unrolled.")
   max_residual: float = _f(
-    1.0, "A solve whose relative residual exceeds this counts as failed; its update is skipped."
+    1.0,
+    "A solve whose relative residual exceeds this (without a negative-curvature stop) "
+    "counts as failed; its update is skipped.",
   )
   mixed_partial: str = _f(
     "auto",

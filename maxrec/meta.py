@@ -68,6 +68,17 @@ class WeightNet(nn.Module):
     )(h)
 
 
+def _failed_solve(info: implicit.HypergradInfo, cfg) -> jax.Array:
+  """A solve is unusable when it is non-finite, when CG stopped on negative curvature
+  before taking a step (v = 0: no information), or when, without a curvature stop, its
+  relative residual exceeds `max_residual`. A curvature stop after k >= 1 steps keeps the
+  truncated iterate (truncated Newton), whose residual may legitimately exceed 1."""
+  nonfinite = ~jnp.isfinite(info.relative_residual) | ~jnp.isfinite(info.solution_norm)
+  no_step = info.negative_curvature & (info.num_steps == 0) & (info.meta_grad_norm > 0)
+  diverged = ~info.negative_curvature & (info.relative_residual > cfg.max_residual)
+  return nonfinite | no_step | diverged
+
+
 def clip_phi(phi, w_max: float):
   """Caps scalar weights at w_max (φ <= softplus⁻¹(w_max)); pytrees (networks) pass."""
   if isinstance(phi, jax.Array) and phi.ndim == 1:
@@ -141,7 +152,7 @@ class MetaLearner:
         mixed=self.mixed,
       )  # fmt: skip
       info = hinfo._asdict()
-      failed = ~jnp.isfinite(hinfo.relative_residual) | (hinfo.relative_residual > cfg.max_residual)
+      failed = _failed_solve(hinfo, cfg)
     finite = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(hg)]))
     skip = failed | ~finite
     safe_hg = jax.tree.map(lambda x: jnp.where(skip, 0.0, x), hg)
@@ -228,6 +239,7 @@ class MetaRunner:
     self.warmup = self.cfg.warmup_epochs * steps_per_epoch
     self.task_names = objective.task_names
     self.count, self.inner_s, self.inner_steps, self.meta_s = 0, 0.0, 0, []
+    self._seen_inner = False
 
   def describe(self) -> str:
     c = self.cfg
@@ -246,8 +258,11 @@ class MetaRunner:
     return [t - step0 for t in range(first, step0 + n + 1, every) if t > step0]
 
   def observe_inner(self, seconds: float, steps: int) -> None:
-    self.inner_s += seconds
-    self.inner_steps += steps
+    """Accumulates inner-step timings; the first segment (which compiles) is left out."""
+    if self._seen_inner:
+      self.inner_s += seconds
+      self.inner_steps += steps
+    self._seen_inner = True
 
   def _batches(self):
     c = self.cfg
@@ -283,21 +298,26 @@ class MetaRunner:
       meta_step_s=seconds, inner_step_s=inner, meta_over_inner=seconds / max(inner, 1e-9)
     )
     self.count += 1
-    w = record.get("weights", {})
-    logging.info(
-      "meta %d (step %d)%s | hypergrad %s | %s%s | λ̂max %.3g | %.3fs (%.0fx an inner step)",
-      record["meta_step"],
-      record["step"],
-      "".join(f" w_{k}={v:.4g}" for k, v in w.items()),
-      " ".join(f"{v:+.3g}" for v in record.get("hypergrad", {}).values())
-      or f"{record.get('hypergrad_norm', 0):.3g}",
-      f"CG {record.get('num_steps', 0)} steps, residual {record.get('relative_residual', float('nan')):.2g}",
-      " SKIPPED" if record["skipped"] else "",
-      record["lambda_max"],
-      seconds,
-      record["meta_over_inner"],
-    )
+    logging.info("%s", self._describe_step(record))
     return train_state.replace(aux_params=phi), record
+
+  def _describe_step(self, r: dict) -> str:
+    msg = f"meta {r['meta_step']} (step {r['step']})"
+    msg += "".join(f" w_{k}={v:.4g}" for k, v in r.get("weights", {}).items())
+    if "hypergrad" in r:
+      msg += " | hypergrad " + " ".join(f"{v:+.3g}" for v in r["hypergrad"].values())
+    else:
+      msg += f" | hypergrad norm {r['hypergrad_norm']:.3g}"
+    if self.cfg.hypergrad == "cg":
+      curvature = ", negative curvature" if r["negative_curvature"] else ""
+      msg += f" | CG {r['num_steps']} steps, residual {r['relative_residual']:.2g}{curvature}"
+    elif self.cfg.hypergrad == "neumann":
+      msg += f" | Neumann {r['num_steps']} terms, residual {r['relative_residual']:.2g}"
+    elif self.cfg.hypergrad == "unrolled":
+      msg += f" | unrolled {r['num_steps']} steps"
+    msg += f" | λ̂max {r['lambda_max']:.3g}"
+    msg += f" | {r['meta_step_s']:.3f}s ({r['meta_over_inner']:.1f}x an inner step)"
+    return msg + (" | SKIPPED" if r["skipped"] else "")
 
   def summary(self) -> dict:
     s = jax.device_get(self.state)
@@ -306,6 +326,7 @@ class MetaRunner:
       "updates": int(s.num_updates),
       "skipped": int(s.num_skipped),
       "lambda_max": float(s.lambda_max),
-      "meta_step_s_median": float(np.median(self.meta_s)) if self.meta_s else None,
+      # the first meta step compiles: left out of the median
+      "meta_step_s_median": float(np.median(self.meta_s[1:])) if len(self.meta_s) > 1 else None,
       "inner_step_s_mean": self.inner_s / max(self.inner_steps, 1),
     }

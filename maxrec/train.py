@@ -220,6 +220,7 @@ def train_and_evaluate(config: Config, workdir: str) -> dict:
     if not np.isfinite(record["loss"]):
       raise FloatingPointError(f"epoch {epoch}: the training loss is {record['loss']}.")
     record.update(
+      step=int(state.step),
       epoch_s=t_epoch,
       sample_s=t_sample,
       meta_s=meta_s,

@@ -42,8 +42,10 @@ def test_train_cli_end_to_end(tmp_path):
     "--synth_items=120",
     "--synth_interactions=2500",
     "--epochs=2",
+    "--meta_every=1",  # the default (meta) method, with meta steps in the second epoch
     f"--workdir={tmp_path}",
   )
   assert r.returncode == 0, r.stderr[-2000:]
   final = json.loads((tmp_path / "final_metrics.json").read_text())
   assert "recall@20" in final["test"] and "recall@20" in final["popularity"]
+  assert set(final["aux_weights"]) == {"user_sgl", "item_sgl"} and final["meta"]["meta_steps"] >= 1

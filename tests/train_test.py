@@ -16,7 +16,12 @@ from maxrec.models import make_model
 from maxrec.sampling import Sampler
 
 TINY = dict(
-  synth_users=120, synth_items=150, synth_interactions=3000, synth_clusters=3, batch_size=256
+  weighting="none",
+  synth_users=120,
+  synth_items=150,
+  synth_interactions=3000,
+  synth_clusters=3,
+  batch_size=256,
 )
 
 
@@ -89,7 +94,9 @@ def test_end_to_end_tiny(tmp_path):
 
 
 def test_ml100k_end_to_end(ml100k_path, tmp_path):
-  cfg = Config.from_flat(data_path=ml100k_path, epochs=15, learning_rate=5e-3, patience=3)
+  cfg = Config.from_flat(
+    data_path=ml100k_path, weighting="none", epochs=15, learning_rate=5e-3, patience=3
+  )
   final = train.train_and_evaluate(cfg, str(tmp_path))
   assert final["test"]["recall@20"] > final["popularity"]["recall@20"] + 0.05
 
