@@ -52,8 +52,17 @@ class EvalSet:
   n_excluded: int = struct.field(pytree_node=False)
 
 
-def _blocked_pairs(pairs: np.ndarray, n_users: int, users: np.ndarray, block: int):
-  """For each block of `users`: padded (row in block, item) of their pairs."""
+def block_pairs(pairs: np.ndarray, n_users: int, users: np.ndarray, block: int):
+  """Pairs of each block of users, as padded (row in block, item) arrays.
+
+  Args:
+    pairs: [n, 2] (user, item).
+    n_users: user id space (users >= it have no pairs: use it for padding rows).
+    users: [n_blocks, block] user ids.
+    block: rows per block; padding entries get row `block`, which scatters drop.
+  Returns:
+    (rows, cols), each [n_blocks, max pairs in a block] int32.
+  """
   indptr, items = to_csr(pairs, n_users)
   n_blocks = users.shape[0]
   rows, cols = [], []
@@ -98,8 +107,8 @@ def build_eval_set(
   # Padding rows point at user 0 but are invalid; give them no pairs.
   pad_free = np.where(valid.reshape(n_blocks, block), users_b, n_users)
   ext = n_users + 1
-  mask_row, mask_col = _blocked_pairs(exclude, ext, pad_free, block)
-  rel_row, rel_col = _blocked_pairs(heldout, ext, pad_free, block)
+  mask_row, mask_col = block_pairs(exclude, ext, pad_free, block)
+  rel_row, rel_col = block_pairs(heldout, ext, pad_free, block)
   return EvalSet(
     users=jnp.asarray(users_b),
     valid=jnp.asarray(valid.reshape(n_blocks, block)),

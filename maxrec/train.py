@@ -11,6 +11,7 @@ writes everything it measured to `workdir`:
 from __future__ import annotations
 
 import functools
+import os
 import time
 from typing import Any
 
@@ -21,7 +22,7 @@ import optax
 from absl import logging
 from flax import struct
 
-from maxrec import auxiliary, metrics
+from maxrec import auxiliary, metrics, recommend
 from maxrec import data as data_lib
 from maxrec import graph as graph_lib
 from maxrec import meta as meta_lib
@@ -178,22 +179,10 @@ def train_and_evaluate(config: Config, workdir: str) -> dict:
     logging.warning("%s", w)
   files.write_json("data_summary.json", ds.summary)
 
-  rng = np.random.default_rng(cfg.train.seed)
-  sampler = Sampler(ds.train, ds.observed, ds.n_users, ds.n_items)
-  graph = graph_lib.build_graph(ds.train, ds.n_users, ds.n_items)
-  weights = graph_lib.edge_weights(graph)
-  model = make_model(cfg.model, ds.n_users, ds.n_items)
-  objective, aux_params = make_objective(model, cfg), initial_aux_params(cfg)
-  tx = optax.adam(cfg.train.learning_rate)
-  aux_tx = optax.adam(cfg.train.learning_rate) if cfg.aux.weighting == "uncertainty" else None
-  state = init_state(model, tx, jax.random.key(cfg.train.seed), aux_params, aux_tx)
-  run_steps = make_run_steps(objective, tx, aux_tx)
-  embed = jax.jit(lambda p, g, w: model.apply({"params": p}, g, w))
-  n_batches = sampler.num_batches(cfg.train.batch_size)
-  meta = None
-  if cfg.aux.weighting == "meta":
-    meta = meta_lib.MetaRunner(objective, cfg, sampler, ds, aux_params, rng, n_batches)
-    logging.info("%s", meta.describe())
+  trainer = Trainer(cfg, ds)
+  objective, n_batches = trainer.objective, trainer.n_batches
+  if trainer.meta is not None:
+    logging.info("%s", trainer.meta.describe())
 
   valid_set = metrics.build_eval_set(ds.valid, ds.observed, ds.n_users, cfg.train.eval_batch_size)
   test_exclude = np.concatenate([ds.observed, ds.valid])
@@ -206,24 +195,19 @@ def train_and_evaluate(config: Config, workdir: str) -> dict:
   )
 
   ks, select = cfg.train.topk, cfg.train.early_stop_metric
-  best = {"epoch": 0, "score": -np.inf, "valid": {}, "params": state.params, "aux": None}
+  best = {"epoch": 0, "score": -np.inf, "valid": {}, "params": trainer.state.params, "aux": None}
   bad_evals = 0
   for epoch in range(1, cfg.train.epochs + 1):
-    t0 = time.perf_counter()
-    batches = jax.device_put(sampler.epoch(rng, cfg.train.batch_size))
-    t_sample = time.perf_counter() - t0
-    state, sums, meta_s = _train_epoch(
-      run_steps, state, graph, weights, batches, meta, files, epoch
+    sums, times = trainer.epoch(
+      lambda rec, e=epoch: files.append("meta.jsonl", {"epoch": e, **rec})
     )
-    t_epoch = time.perf_counter() - t0
+    t_epoch = times["epoch_s"]
     record = {"epoch": epoch, **{k: float(v) / n_batches for k, v in jax.device_get(sums).items()}}
     if not np.isfinite(record["loss"]):
       raise FloatingPointError(f"epoch {epoch}: the training loss is {record['loss']}.")
     record.update(
-      step=int(state.step),
-      epoch_s=t_epoch,
-      sample_s=t_sample,
-      meta_s=meta_s,
+      step=int(trainer.state.step),
+      **times,
       interactions_per_s=n_batches * cfg.train.batch_size / t_epoch,
       elapsed_s=time.perf_counter() - t_start,
     )
@@ -232,14 +216,13 @@ def train_and_evaluate(config: Config, workdir: str) -> dict:
       msg += " | w " + " ".join(f"{k}={record['weight_' + k]:.3g}" for k in objective.task_names)
     msg += f" | {t_epoch:.2f}s ({record['interactions_per_s']:,.0f} interactions/s)"
     if epoch % cfg.train.eval_every == 0 or epoch == cfg.train.epochs:
-      fu, fi = embed(state.params, graph, weights)
-      valid = metrics.evaluate(fu, fi, valid_set, ks)
+      valid = metrics.evaluate(*trainer.embeddings(), valid_set, ks)
       record["valid"] = valid
       msg += f" | valid {_fmt(valid, ('recall@20', 'ndcg@20'))}"
       if valid[select] > best["score"]:
         best.update(epoch=epoch, score=valid[select], valid=valid)
-        best["params"] = jax.tree.map(jnp.copy, state.params)
-        best["aux"] = jax.device_get(state.aux_params)
+        best["params"] = jax.tree.map(jnp.copy, trainer.state.params)
+        best["aux"] = jax.device_get(trainer.state.aux_params)
         bad_evals = 0
       else:
         bad_evals += 1
@@ -249,8 +232,7 @@ def train_and_evaluate(config: Config, workdir: str) -> dict:
       logging.info("early stop: %s did not improve for %d validations", select, bad_evals)
       break
 
-  fu, fi = embed(best["params"], graph, weights)
-  test = metrics.evaluate(fu, fi, test_set, ks)
+  test = metrics.evaluate(*trainer.embeddings(best["params"]), test_set, ks)
   pop_u, pop_i = metrics.popularity_embeddings(ds.observed, ds.n_users, ds.n_items)
   popularity = metrics.evaluate(pop_u, pop_i, test_set, ks)
   final = {
@@ -262,9 +244,12 @@ def train_and_evaluate(config: Config, workdir: str) -> dict:
     "wall_s": time.perf_counter() - t_start,
   }
   if objective.task_names and not (cfg.aux.weighting == "meta" and cfg.meta.weight_net):
-    final.update(_weights_summary(cfg, objective, best["aux"], state.aux_params))
-  if meta is not None:
-    final["meta"] = meta.summary()
+    final.update(_weights_summary(cfg, objective, best["aux"], trainer.state.aux_params))
+  if trainer.meta is not None:
+    final["meta"] = trainer.meta.summary()
+  recommend.save_model(
+    os.path.join(workdir, recommend.MODEL_FILE), *trainer.embeddings(best["params"]), ds, cfg.flat()
+  )
   files.write_json("final_metrics.json", final)
   files.close()
   logging.info(
@@ -298,26 +283,76 @@ def _weights_summary(cfg, objective, best_aux, last_aux) -> dict:
   }
 
 
-def _train_epoch(run_steps, state, graph, weights, batches, meta, files, epoch):
-  """Runs one epoch's steps in segments cut at meta steps; returns (state, sums, meta s)."""
-  n = batches["user"].shape[0]
-  step0 = int(state.step)
-  cuts = meta.cut_points(step0, n) if meta is not None else []
-  sums, start, meta_s = None, 0, 0.0
-  for stop in [*cuts, n]:
-    if stop > start:
-      t0 = time.perf_counter()
-      state, part = run_steps(
-        state, graph, weights, batches, jnp.int32(start), jnp.int32(stop - start)
+class Trainer:
+  """The host-side driver of one run: data pipeline, jitted steps, state, meta-learner.
+
+  Args:
+    cfg: the run's configuration.
+    ds: the data set (its R_meta must be carved when cfg.aux.weighting == "meta").
+  Attributes:
+    state: the current `TrainState` (replaced after every epoch).
+    meta: the `MetaRunner` with --weighting=meta, else None.
+  """
+
+  def __init__(self, cfg: Config, ds: data_lib.Dataset):
+    self.cfg, self.ds = cfg, ds
+    self.rng = np.random.default_rng(cfg.train.seed)
+    self.sampler = Sampler(ds.train, ds.observed, ds.n_users, ds.n_items)
+    self.graph = graph_lib.build_graph(ds.train, ds.n_users, ds.n_items)
+    self.weights = graph_lib.edge_weights(self.graph)
+    self.model = make_model(cfg.model, ds.n_users, ds.n_items)
+    self.objective = make_objective(self.model, cfg)
+    aux_params = initial_aux_params(cfg)
+    tx = optax.adam(cfg.train.learning_rate)
+    aux_tx = optax.adam(cfg.train.learning_rate) if cfg.aux.weighting == "uncertainty" else None
+    self.state = init_state(self.model, tx, jax.random.key(cfg.train.seed), aux_params, aux_tx)
+    self.run_steps = make_run_steps(self.objective, tx, aux_tx)
+    model = self.model
+    self._embed = jax.jit(lambda p, g, w: model.apply({"params": p}, g, w))
+    self.n_batches = self.sampler.num_batches(cfg.train.batch_size)
+    self.meta = None
+    if cfg.aux.weighting == "meta":
+      self.meta = meta_lib.MetaRunner(
+        self.objective, cfg, self.sampler, ds, aux_params, self.rng, self.n_batches
       )
-      if meta is not None:
-        jax.block_until_ready(state.params)
-        meta.observe_inner(time.perf_counter() - t0, stop - start)
-      sums = part if sums is None else jax.tree.map(jnp.add, sums, part)
-    if stop in cuts:
-      t0 = time.perf_counter()
-      state, record = meta.step(state, graph, weights)
-      meta_s += time.perf_counter() - t0
-      files.append("meta.jsonl", {"epoch": epoch, **record})
-    start = stop
-  return state, sums, meta_s
+
+  def embeddings(self, params=None):
+    """Final (users [U, d], items [I, d]) of `params` (default: the current ones)."""
+    params = self.state.params if params is None else params
+    return self._embed(params, self.graph, self.weights)
+
+  def epoch(self, on_meta_step=None) -> tuple[dict, dict]:
+    """Samples and runs one epoch, in segments cut at meta steps.
+
+    Args:
+      on_meta_step: called with each meta step's JSON record.
+    Returns:
+      (summed loss parts over the epoch's steps, {"epoch_s", "sample_s", "meta_s"}).
+    """
+    t0 = time.perf_counter()
+    batches = jax.device_put(self.sampler.epoch(self.rng, self.cfg.train.batch_size))
+    t_sample = time.perf_counter() - t0
+    n = batches["user"].shape[0]
+    state, g, w = self.state, self.graph, self.weights
+    cuts = self.meta.cut_points(int(state.step), n) if self.meta is not None else []
+    sums, start, meta_s = None, 0, 0.0
+    for stop in [*cuts, n]:
+      if stop > start:
+        t1 = time.perf_counter()
+        state, part = self.run_steps(
+          state, g, w, batches, jnp.int32(start), jnp.int32(stop - start)
+        )
+        if self.meta is not None:
+          jax.block_until_ready(state.params)
+          self.meta.observe_inner(time.perf_counter() - t1, stop - start)
+        sums = part if sums is None else jax.tree.map(jnp.add, sums, part)
+      if stop in cuts:
+        t1 = time.perf_counter()
+        state, record = self.meta.step(state, g, w)
+        meta_s += time.perf_counter() - t1
+        if on_meta_step is not None:
+          on_meta_step(record)
+      start = stop
+    self.state = state
+    jax.block_until_ready(sums)
+    return sums, {"epoch_s": time.perf_counter() - t0, "sample_s": t_sample, "meta_s": meta_s}
