@@ -168,6 +168,11 @@ class TrainConfig:
   patience: int = _f(10, "Early stopping: validations without improvement before stopping.")
   early_stop_metric: str = _f("recall@20", "Validation metric for model selection, e.g. ndcg@20.")
   topk: tuple[int, ...] = _f((10, 20, 50), "Cut-offs K of the metrics.")
+  sparse_updates: bool = _f(
+    True,
+    "MF without auxiliary tasks: update only the rows a batch touches, with lazy Adam "
+    "(maxrec/sparse.py); --nosparse_updates for dense Adam.",
+  )
   eval_batch_size: int = _f(
     1024, "Users scored per evaluation block: bounds memory to about 12 x this x items bytes."
   )

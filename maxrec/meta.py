@@ -217,11 +217,12 @@ class MetaRunner:
     inner_sampler: draws hyper-batches B_h from R_in.
     ds: the data set (its meta split R_meta feeds B_m).
     aux_params: φ at the start.
-    rng: NumPy generator for B_h and B_m.
+    seed: B_h and B_m of meta step k are drawn from `default_rng([seed, 1, k])`, so they
+      depend on (seed, k) only, not on how the run was interrupted or resumed.
     steps_per_epoch: inner steps per epoch (the warm-up is counted in epochs).
   """
 
-  def __init__(self, objective, config, inner_sampler, ds, aux_params, rng, steps_per_epoch):
+  def __init__(self, objective, config, inner_sampler, ds, aux_params, seed, steps_per_epoch):
     from maxrec.sampling import Sampler
 
     self.cfg = config.meta
@@ -235,7 +236,7 @@ class MetaRunner:
     self.state = self.learner.init(aux_params)
     self.inner_sampler = inner_sampler
     self.meta_sampler = Sampler(ds.meta, ds.observed, ds.n_users, ds.n_items)
-    self.rng, self.key = rng, jax.random.key(config.train.seed + 2)
+    self.seed, self.key = seed, jax.random.key(config.train.seed + 2)
     self.warmup = self.cfg.warmup_epochs * steps_per_epoch
     self.task_names = objective.task_names
     self.count, self.inner_s, self.inner_steps, self.meta_s = 0, 0.0, 0, []
@@ -265,16 +266,14 @@ class MetaRunner:
     self._seen_inner = True
 
   def _batches(self):
-    c = self.cfg
+    c, rng = self.cfg, np.random.default_rng([self.seed, 1, self.count])
     if c.hypergrad == "unrolled":
-      parts = [
-        self.inner_sampler.sample(self.rng, c.hyper_batch_size) for _ in range(c.unroll_steps)
-      ]
+      parts = [self.inner_sampler.sample(rng, c.hyper_batch_size) for _ in range(c.unroll_steps)]
       hyper = {k: np.stack([p[k] for p in parts]) for k in parts[0]}
     else:
-      hyper = self.inner_sampler.sample(self.rng, c.hyper_batch_size)
+      hyper = self.inner_sampler.sample(rng, c.hyper_batch_size)
     return jax.device_put(
-      {"hyper": hyper, "meta": self.meta_sampler.sample(self.rng, c.meta_batch_size)}
+      {"hyper": hyper, "meta": self.meta_sampler.sample(rng, c.meta_batch_size)}
     )
 
   def step(self, train_state, graph, weights):

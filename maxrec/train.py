@@ -10,6 +10,7 @@ writes everything it measured to `workdir`:
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import os
 import time
@@ -22,7 +23,7 @@ import optax
 from absl import logging
 from flax import struct
 
-from maxrec import auxiliary, metrics, recommend
+from maxrec import auxiliary, metrics, recommend, sparse
 from maxrec import data as data_lib
 from maxrec import graph as graph_lib
 from maxrec import meta as meta_lib
@@ -98,6 +99,42 @@ def run_steps_fn(objective: Objective, tx, aux_tx=None):
       )
     return new, {"loss": loss, **parts}
 
+  return _loop(step)
+
+
+def sparse_run_steps_fn(l2_reg: float, learning_rate: float):
+  """`run_steps` for MF without auxiliary tasks, updating only the touched rows with lazy
+  Adam (`maxrec.sparse`); same signature as `run_steps_fn`'s, graph and weights unused.
+
+  The steps work on one [U + I, 4d] table of (θ, m, v, accumulator) rows, built at the
+  start of the call and split back into `params` and `opt_state` at its end."""
+
+  def run_steps(state: TrainState, graph, weights, batches, start, count):
+    del graph, weights
+    n_users = state.params["user"].shape[0]
+    slab = sparse.to_slab(state.params, state.opt_state)
+    zero = {"loss": 0.0, "bpr": 0.0, "l2": 0.0}
+    sums = jax.tree.map(lambda x: jnp.zeros((), slab.dtype), zero)
+
+    def body(t, carry):
+      slab, n, acc = carry
+      slab, n, parts = sparse.sparse_mf_step(
+        slab, n, _index(batches, t), n_users, l2_reg, learning_rate
+      )
+      return slab, n, jax.tree.map(jnp.add, acc, parts)
+
+    slab, n, sums = jax.lax.fori_loop(
+      start, start + count, body, (slab, state.opt_state.count, sums)
+    )
+    params, opt = sparse.from_slab(slab, n_users, n)
+    return state.replace(step=state.step + count, params=params, opt_state=opt), sums
+
+  return run_steps
+
+
+def _loop(step):
+  """run_steps(state, graph, weights, batches, start, count): `step` in a fori_loop."""
+
   def run_steps(state, graph, weights, batches, start, count):
     zero = jax.eval_shape(lambda: step(state, graph, weights, _index(batches, 0))[1])
     sums = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero)
@@ -130,9 +167,15 @@ def trace_once(fn):
   return wrapped
 
 
-def make_run_steps(objective: Objective, tx, aux_tx=None):
-  """`run_steps_fn`, jitted with its state donated, and compiled at most once."""
-  return jax.jit(trace_once(run_steps_fn(objective, tx, aux_tx)), donate_argnums=(0,))
+def make_run_steps(objective: Objective, tx, aux_tx=None, fn=None):
+  """`run_steps_fn` (or `fn`), jitted with its state donated, and compiled at most once."""
+  fn = run_steps_fn(objective, tx, aux_tx) if fn is None else fn
+  return jax.jit(trace_once(fn), donate_argnums=(0,))
+
+
+def uses_sparse_updates(cfg: Config) -> bool:
+  """MF without auxiliary tasks has a row-sparse gradient: train it with lazy Adam."""
+  return cfg.train.sparse_updates and cfg.model.model == "mf" and not cfg.aux.tasks
 
 
 def _index(batches, t):
@@ -296,7 +339,9 @@ class Trainer:
 
   def __init__(self, cfg: Config, ds: data_lib.Dataset):
     self.cfg, self.ds = cfg, ds
-    self.rng = np.random.default_rng(cfg.train.seed)
+    self.epochs_done = 0
+    self._prefetch = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    self._next = None  # (epoch index, future of its batches)
     self.sampler = Sampler(ds.train, ds.observed, ds.n_users, ds.n_items)
     self.graph = graph_lib.build_graph(ds.train, ds.n_users, ds.n_items)
     self.weights = graph_lib.edge_weights(self.graph)
@@ -306,15 +351,26 @@ class Trainer:
     tx = optax.adam(cfg.train.learning_rate)
     aux_tx = optax.adam(cfg.train.learning_rate) if cfg.aux.weighting == "uncertainty" else None
     self.state = init_state(self.model, tx, jax.random.key(cfg.train.seed), aux_params, aux_tx)
-    self.run_steps = make_run_steps(self.objective, tx, aux_tx)
+    if uses_sparse_updates(cfg):
+      self.state = self.state.replace(opt_state=sparse.lazy_adam_init(self.state.params))
+      fn = sparse_run_steps_fn(cfg.train.l2_reg, cfg.train.learning_rate)
+      self.run_steps = make_run_steps(self.objective, tx, fn=fn)
+    else:
+      self.run_steps = make_run_steps(self.objective, tx, aux_tx)
     model = self.model
     self._embed = jax.jit(lambda p, g, w: model.apply({"params": p}, g, w))
     self.n_batches = self.sampler.num_batches(cfg.train.batch_size)
     self.meta = None
     if cfg.aux.weighting == "meta":
       self.meta = meta_lib.MetaRunner(
-        self.objective, cfg, self.sampler, ds, aux_params, self.rng, self.n_batches
+        self.objective, cfg, self.sampler, ds, aux_params, cfg.train.seed, self.n_batches
       )
+
+  def _sample(self, epoch: int):
+    """Epoch `epoch`'s batches: a function of (seed, epoch) only, so prefetching, resuming
+    and early stopping never change them."""
+    rng = np.random.default_rng([self.cfg.train.seed, 0, epoch])
+    return jax.device_put(self.sampler.epoch(rng, self.cfg.train.batch_size))
 
   def embeddings(self, params=None):
     """Final (users [U, d], items [I, d]) of `params` (default: the current ones)."""
@@ -330,8 +386,14 @@ class Trainer:
       (summed loss parts over the epoch's steps, {"epoch_s", "sample_s", "meta_s"}).
     """
     t0 = time.perf_counter()
-    batches = jax.device_put(self.sampler.epoch(self.rng, self.cfg.train.batch_size))
+    e = self.epochs_done
+    if self._next is not None and self._next[0] == e:
+      batches = self._next[1].result()
+    else:
+      batches = self._sample(e)
     t_sample = time.perf_counter() - t0
+    # Sample the next epoch on a host thread while this one runs (XLA releases the GIL).
+    self._next = (e + 1, self._prefetch.submit(self._sample, e + 1))
     n = batches["user"].shape[0]
     state, g, w = self.state, self.graph, self.weights
     cuts = self.meta.cut_points(int(state.step), n) if self.meta is not None else []
@@ -354,5 +416,6 @@ class Trainer:
           on_meta_step(record)
       start = stop
     self.state = state
+    self.epochs_done += 1
     jax.block_until_ready(sums)
     return sums, {"epoch_s": time.perf_counter() - t0, "sample_s": t_sample, "meta_s": meta_s}
