@@ -71,9 +71,10 @@ def run_one(base, name, overrides, seed, out):
     logging.info("skip %s seed %d (done)", name, seed)
     with open(done) as f:
       return json.load(f), workdir
-  logging.info("run %s seed %d -> %s", name, seed, workdir)
+  resume = os.path.exists(os.path.join(workdir, "config.json"))  # interrupted earlier
+  logging.info("%s %s seed %d -> %s", "resume" if resume else "run", name, seed, workdir)
   config = base.replace(**overrides, seed=seed)
-  return train_and_evaluate(config, workdir), workdir
+  return train_and_evaluate(config, workdir, resume=resume), workdir
 
 
 def mean_std(values) -> str:

@@ -19,6 +19,9 @@ from experiments.config_flags import config_from_flags, define_config_flags
 
 define_config_flags()
 flags.DEFINE_string("workdir", None, "Output folder. Empty: runs/<date>-<time>-<model>.")
+flags.DEFINE_bool(
+  "resume", False, "Continue the interrupted run in --workdir from its last checkpoint."
+)
 
 
 def main(argv):
@@ -33,12 +36,15 @@ def main(argv):
     print(f"error: {e}", file=sys.stderr)
     return 2
   workdir = flags.FLAGS.workdir
+  if flags.FLAGS.resume and not workdir:
+    print("error: --resume needs the --workdir of the run to continue.", file=sys.stderr)
+    return 2
   if not workdir:
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     workdir = os.path.join("runs", f"{stamp}-{config.model.model}")
   logging.info("work directory: %s", workdir)
   try:
-    train_and_evaluate(config, workdir)
+    train_and_evaluate(config, workdir, resume=flags.FLAGS.resume)
   except (DataError, ValueError, FloatingPointError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1

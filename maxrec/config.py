@@ -173,16 +173,30 @@ class TrainConfig:
     "MF without auxiliary tasks: update only the rows a batch touches, with lazy Adam "
     "(maxrec/sparse.py); --nosparse_updates for dense Adam.",
   )
+  checkpoint_every: int = _f(1, "Write a checkpoint every this many epochs.")
+  keep_checkpoints: int = _f(2, "Checkpoints kept (the newest); older ones are deleted.")
+  on_nonfinite: str = _f(
+    "skip",
+    "A step with a non-finite loss or gradient is always skipped (its update dropped) and "
+    "reported with its step; 'stop' also ends the run after that epoch, leaving the last "
+    "good checkpoint in place.",
+    ("skip", "stop"),
+  )
+  inject_nan_at_step: int = _f(-1, "Test hook: make the loss NaN at this global step.")
   eval_batch_size: int = _f(
     1024, "Users scored per evaluation block: bounds memory to about 12 x this x items bytes."
   )
 
   def __post_init__(self):
-    for name in ("epochs", "batch_size", "eval_every", "patience", "eval_batch_size"):
+    for name in (
+      "epochs", "batch_size", "eval_every", "patience", "eval_batch_size", "checkpoint_every",
+      "keep_checkpoints",
+    ):  # fmt: skip
       _check(getattr(self, name) >= 1, f"--{name}={getattr(self, name)} must be >= 1.")
     _check(self.learning_rate > 0, f"--learning_rate={self.learning_rate} must be > 0.")
     _check(self.l2_reg >= 0, f"--l2_reg={self.l2_reg} must be >= 0.")
     _check(len(self.topk) >= 1 and all(k >= 1 for k in self.topk), "--topk needs positive K.")
+    _check_choice("on_nonfinite", self.on_nonfinite, ("skip", "stop"))
     name, _, k = self.early_stop_metric.partition("@")
     _check(
       name in METRIC_NAMES and k.isdigit() and int(k) in self.topk,

@@ -318,6 +318,20 @@ class MetaRunner:
     msg += f" | {r['meta_step_s']:.3f}s ({r['meta_over_inner']:.1f}x an inner step)"
     return msg + (" | SKIPPED" if r["skipped"] else "")
 
+  def host_state(self) -> dict:
+    """Counters that a checkpoint must carry (the batches of meta step k depend on k)."""
+    return {
+      "count": self.count,
+      "inner_s": self.inner_s,
+      "inner_steps": self.inner_steps,
+      "meta_s": self.meta_s,
+      "seen_inner": self._seen_inner,
+    }
+
+  def load_host_state(self, host: dict) -> None:
+    self.count, self.inner_s, self.inner_steps = host["count"], host["inner_s"], host["inner_steps"]
+    self.meta_s, self._seen_inner = list(host["meta_s"]), host["seen_inner"]
+
   def summary(self) -> dict:
     s = jax.device_get(self.state)
     return {

@@ -93,15 +93,33 @@ def from_slab(slab: jax.Array, n_users: int, count) -> tuple[dict, LazyAdamState
   return params, LazyAdamState(slab[:, d:], count)
 
 
-def sparse_mf_step(slab, count, batch, n_users: int, l2_reg, lr):
-  """One row-sparse MF-BPR step on the working slab; returns (slab, count, loss parts)."""
+def sparse_mf_step(slab, count, batch, n_users: int, l2_reg, lr, scale=1.0):
+  """One row-sparse MF-BPR step on the working slab.
+
+  A step whose loss or row gradients are not finite leaves the slab and the count as
+  they were (`scale` multiplies the loss: a test hook for injecting NaN).
+
+  Returns:
+    (slab, count, loss parts, ok).
+  """
   d = slab.shape[1] // 4
   u, i, j = batch["user"], batch["pos"] + n_users, batch["neg"] + n_users
   ids = jnp.concatenate([u, i, j])
   b = u.shape[0]
   theta = slab[ids, :d]
-  grad_fn = jax.value_and_grad(bpr_rows_loss, argnums=(0, 1, 2), has_aux=True)
-  (loss, parts), (gu, gi, gj) = grad_fn(theta[:b], theta[b : 2 * b], theta[2 * b :], l2_reg)
-  count = count + 1
-  slab = lazy_adam_rows(slab, ids, jnp.concatenate([gu, gi, gj]), count, lr)
-  return slab, count, {"loss": loss, **parts}
+
+  def loss_fn(eu, ei, ej):
+    loss, parts = bpr_rows_loss(eu, ei, ej, l2_reg)
+    return loss * scale, parts
+
+  grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1, 2), has_aux=True)
+  (loss, parts), grads = grad_fn(theta[:b], theta[b : 2 * b], theta[2 * b :])
+  grads = jnp.concatenate(grads)
+  ok = jnp.isfinite(loss) & jnp.all(jnp.isfinite(grads))
+  slab, count = jax.lax.cond(
+    ok,
+    lambda s: (lazy_adam_rows(s, ids, grads, count + 1, lr), count + 1),
+    lambda s: (s, count),
+    slab,
+  )
+  return slab, count, {"loss": loss, **parts}, ok

@@ -11,8 +11,9 @@ writes everything it measured to `workdir`:
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import functools
-import os
+import json
 import time
 from typing import Any
 
@@ -23,7 +24,7 @@ import optax
 from absl import logging
 from flax import struct
 
-from maxrec import auxiliary, metrics, recommend, sparse
+from maxrec import auxiliary, checkpoint, metrics, recommend, sparse
 from maxrec import data as data_lib
 from maxrec import graph as graph_lib
 from maxrec import meta as meta_lib
@@ -46,6 +47,8 @@ class TrainState:
       retraces a step).
     aux_opt_state: state of φ's optimizer (uncertainty weighting), else None.
     key: PRNG key; step t draws its views from `fold_in(key, t)`.
+    bad_steps: int32 count of steps skipped for a non-finite loss or gradient.
+    first_bad_step: int32, the first such step (-1 if none).
   """
 
   step: jax.Array
@@ -54,6 +57,32 @@ class TrainState:
   aux_params: Any
   aux_opt_state: Any
   key: jax.Array
+  bad_steps: jax.Array
+  first_bad_step: jax.Array
+
+
+def _nan_hook(step, inject_at: int):
+  """Test hook: a factor that is NaN at global step `inject_at` (>= 0) and 1 otherwise."""
+  if inject_at < 0:
+    return 1.0
+  return jnp.where(step == inject_at, jnp.nan, 1.0)
+
+
+def _guard(state: TrainState, new: TrainState, ok, parts) -> tuple[TrainState, dict]:
+  """Keeps `new` if the step was finite; else keeps `state` (one step later) and counts it.
+  The loss parts of a skipped step are zeroed and `good` (0/1) lets epochs average."""
+  chosen = jax.lax.cond(ok, lambda: new, lambda: state.replace(step=state.step + 1))
+  bad = chosen.bad_steps + jnp.where(ok, 0, 1)
+  first = jnp.where(~ok & (chosen.first_bad_step < 0), state.step, chosen.first_bad_step)
+  parts = jax.tree.map(lambda x: jnp.where(ok, x, 0.0), parts)
+  return chosen.replace(bad_steps=bad, first_bad_step=first), {
+    **parts,
+    "good": ok.astype(jnp.float32),
+  }
+
+
+def _finite(loss, grads) -> jax.Array:
+  return jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
 
 
 def make_objective(model, cfg: Config) -> Objective:
@@ -73,20 +102,27 @@ def make_objective(model, cfg: Config) -> Objective:
   )
 
 
-def run_steps_fn(objective: Objective, tx, aux_tx=None):
+def run_steps_fn(objective: Objective, tx, aux_tx=None, inject_nan_at: int = -1):
   """The pure `run_steps(state, graph, weights, batches, start, count)` (not jitted).
 
   Runs steps `start .. start+count-1` of an epoch's stacked batches `[n, B]` in one
   `fori_loop` (dynamic trip count, so one compilation serves every segment) and returns
   the new state and the summed loss parts. With `aux_tx` (uncertainty weighting) φ is
-  trained jointly with θ.
+  trained jointly with θ. A step whose loss or gradient is not finite is skipped and
+  counted (`TrainState.bad_steps`); `inject_nan_at` is a test hook.
   """
+
+  def loss_fn(params, aux_params, batch, key, graph, weights, step):
+    loss, parts = objective.inner_loss(params, aux_params, batch, key, graph, weights)
+    return loss * _nan_hook(step, inject_nan_at), parts
 
   def step(state: TrainState, graph, weights, batch):
     key = jax.random.fold_in(state.key, state.step)
     argnums = (0, 1) if aux_tx is not None else 0
-    grad_fn = jax.value_and_grad(objective.inner_loss, argnums=argnums, has_aux=True)
-    (loss, parts), grads = grad_fn(state.params, state.aux_params, batch, key, graph, weights)
+    grad_fn = jax.value_and_grad(loss_fn, argnums=argnums, has_aux=True)
+    (loss, parts), grads = grad_fn(
+      state.params, state.aux_params, batch, key, graph, weights, state.step
+    )
     g_params = grads[0] if aux_tx is not None else grads
     updates, opt_state = tx.update(g_params, state.opt_state, state.params)
     new = state.replace(
@@ -97,12 +133,12 @@ def run_steps_fn(objective: Objective, tx, aux_tx=None):
       new = new.replace(
         aux_params=optax.apply_updates(state.aux_params, upd), aux_opt_state=aux_opt_state
       )
-    return new, {"loss": loss, **parts}
+    return _guard(state, new, _finite(loss, grads), {"loss": loss, **parts})
 
   return _loop(step)
 
 
-def sparse_run_steps_fn(l2_reg: float, learning_rate: float):
+def sparse_run_steps_fn(l2_reg: float, learning_rate: float, inject_nan_at: int = -1):
   """`run_steps` for MF without auxiliary tasks, updating only the touched rows with lazy
   Adam (`maxrec.sparse`); same signature as `run_steps_fn`'s, graph and weights unused.
 
@@ -113,21 +149,28 @@ def sparse_run_steps_fn(l2_reg: float, learning_rate: float):
     del graph, weights
     n_users = state.params["user"].shape[0]
     slab = sparse.to_slab(state.params, state.opt_state)
-    zero = {"loss": 0.0, "bpr": 0.0, "l2": 0.0}
+    zero = {"loss": 0.0, "bpr": 0.0, "l2": 0.0, "good": 0.0}
     sums = jax.tree.map(lambda x: jnp.zeros((), slab.dtype), zero)
+    step0 = state.step - start
 
     def body(t, carry):
-      slab, n, acc = carry
-      slab, n, parts = sparse.sparse_mf_step(
-        slab, n, _index(batches, t), n_users, l2_reg, learning_rate
+      slab, n, bad, first, acc = carry
+      scale = _nan_hook(step0 + t, inject_nan_at)
+      slab, n, parts, ok = sparse.sparse_mf_step(
+        slab, n, _index(batches, t), n_users, l2_reg, learning_rate, scale
       )
-      return slab, n, jax.tree.map(jnp.add, acc, parts)
+      first = jnp.where(~ok & (first < 0), step0 + t, first)
+      parts = {
+        **jax.tree.map(lambda x: jnp.where(ok, x, 0.0), parts),
+        "good": ok.astype(slab.dtype),
+      }
+      return slab, n, bad + jnp.where(ok, 0, 1), first, jax.tree.map(jnp.add, acc, parts)
 
-    slab, n, sums = jax.lax.fori_loop(
-      start, start + count, body, (slab, state.opt_state.count, sums)
-    )
+    init = (slab, state.opt_state.count, state.bad_steps, state.first_bad_step, sums)
+    slab, n, bad, first, sums = jax.lax.fori_loop(start, start + count, body, init)
     params, opt = sparse.from_slab(slab, n_users, n)
-    return state.replace(step=state.step + count, params=params, opt_state=opt), sums
+    new = state.replace(step=state.step + count, params=params, opt_state=opt)
+    return new.replace(bad_steps=bad, first_bad_step=first), sums
 
   return run_steps
 
@@ -194,6 +237,8 @@ def init_state(model, tx, key, aux_params=None, aux_tx=None) -> TrainState:
     aux_params=aux_params,
     aux_opt_state=None if aux_tx is None else aux_tx.init(aux_params),
     key=train_key,
+    bad_steps=jnp.zeros((), jnp.int32),
+    first_bad_step=jnp.full((), -1, jnp.int32),
   )
 
 
@@ -201,20 +246,107 @@ def _fmt(d: dict, keys) -> str:
   return " ".join(f"{k}={d[k]:.4f}" for k in keys if k in d)
 
 
-def train_and_evaluate(config: Config, workdir: str) -> dict:
+@dataclasses.dataclass
+class Progress:
+  """What the epoch loop carries besides the trainer: model selection and time."""
+
+  epoch: int = 0  # epochs completed
+  best_epoch: int = 0
+  best_score: float = -np.inf
+  best_valid: dict = dataclasses.field(default_factory=dict)
+  best_params: Any = None
+  best_aux: Any = None
+  bad_evals: int = 0
+  elapsed_s: float = 0.0  # wall time of the run's earlier sessions (resumption)
+
+
+# Config fields a resumed run may change: they do not affect what was already trained.
+RESUMABLE_CHANGES = ("epochs", "patience", "checkpoint_every", "keep_checkpoints")
+
+
+def _check_resumable(files: RunFiles, cfg: Config) -> None:
+  if not files.exists("config.json"):
+    raise ValueError(f"--resume: {files.workdir} holds no run to resume (no config.json).")
+  before = files.read_json("config.json")
+  now = json.loads(json.dumps(cfg.flat()))  # tuples -> lists, as on disk
+  changed = sorted(k for k in now if k not in RESUMABLE_CHANGES and before.get(k) != now[k])
+  if changed:
+    details = ", ".join(f"--{k}={before.get(k)!r} -> {now[k]!r}" for k in changed)
+    raise ValueError(f"--resume: the configuration differs from the run's own ({details}).")
+
+
+def _save_checkpoint(files: RunFiles, trainer: Trainer, p: Progress, cfg: Config) -> None:
+  host = dataclasses.asdict(p) | {"best_params": None, "best_aux": None}
+  host.update(trainer.host_state())
+  payload = {
+    "trainer": trainer.device_state(),
+    "best_params": p.best_params,
+    "best_aux": p.best_aux,
+    "host": json.dumps(host),
+  }
+  checkpoint.save(files.workdir, p.epoch, payload, cfg.train.keep_checkpoints)
+
+
+def _restore(files: RunFiles, trainer: Trainer) -> Progress:
+  """The latest checkpoint into `trainer`; a fresh Progress when there is none."""
+  found = checkpoint.list_checkpoints(files.workdir)
+  if not found:
+    logging.warning("--resume: no checkpoint in %s; starting from the beginning", files.workdir)
+    return Progress(best_params=trainer.state.params, best_aux=trainer.state.aux_params)
+  epoch, path = found[-1]
+  template = {
+    "trainer": trainer.device_state(),
+    "best_params": trainer.state.params,
+    "best_aux": trainer.state.aux_params,
+    "host": "",
+  }
+  payload = checkpoint.restore(path, template)
+  host = json.loads(payload["host"])
+  trainer.load(payload["trainer"], host)
+  p = Progress(**{k: v for k, v in host.items() if k in Progress.__dataclass_fields__})
+  p.best_params, p.best_aux = payload["best_params"], payload["best_aux"]
+  for name in ("metrics.jsonl", "meta.jsonl"):
+    files.truncate(name, epoch)
+  logging.info("resumed from %s: epoch %d, best epoch %d", path, epoch, p.best_epoch)
+  return p
+
+
+def _check_disk(files: RunFiles, trainer: Trainer, cfg: Config) -> None:
+  """Fails at start, not after hours, when the work directory cannot hold the checkpoints."""
+  state_bytes = sum(x.nbytes for x in jax.tree.leaves(trainer.device_state()))
+  need = (cfg.train.keep_checkpoints + 1) * 2 * state_bytes + (16 << 20)
+  if files.free_bytes() < need:
+    raise ValueError(
+      f"--workdir={files.workdir} has {files.free_bytes() >> 20} MiB free, but the run needs "
+      f"about {need >> 20} MiB for {cfg.train.keep_checkpoints} checkpoint(s); free space or "
+      "lower --keep_checkpoints."
+    )
+
+
+def train_and_evaluate(config: Config, workdir: str, resume: bool = False) -> dict:
   """Trains the configured model, selects the best validation epoch, tests it.
+
+  Checkpoints are written every --checkpoint_every epochs; with `resume`, an interrupted
+  run continues from its latest checkpoint and ends exactly as an uninterrupted run.
 
   Args:
     config: the run's configuration.
     workdir: output folder (created; must be writable).
+    resume: continue the run in `workdir`.
   Returns:
     The dict written to `final_metrics.json`.
   Raises:
     ValueError: bad data or configuration, with a message naming the problem.
+    FloatingPointError: a non-finite step with --on_nonfinite=stop.
   """
   t_start = time.perf_counter()
   cfg = config
-  files = RunFiles(workdir)
+  files = RunFiles(workdir, resume=resume)
+  if resume:
+    _check_resumable(files, cfg)
+    if files.exists("final_metrics.json"):
+      logging.info("%s already finished; nothing to resume", workdir)
+      return files.read_json("final_metrics.json")
   files.write_json("config.json", cfg.flat())
   ds = data_lib.load_dataset(cfg.data, seed=cfg.train.seed, meta_ratio=cfg.meta_ratio)
   logging.info("%s", data_lib.describe(ds))
@@ -224,8 +356,15 @@ def train_and_evaluate(config: Config, workdir: str) -> dict:
 
   trainer = Trainer(cfg, ds)
   objective, n_batches = trainer.objective, trainer.n_batches
+  _check_disk(files, trainer, cfg)
+  for w in config_warnings(cfg, n_batches):
+    logging.warning("%s", w)
   if trainer.meta is not None:
     logging.info("%s", trainer.meta.describe())
+  if resume:
+    prog = _restore(files, trainer)
+  else:
+    prog = Progress(best_params=trainer.state.params, best_aux=trainer.state.aux_params)
 
   valid_set = metrics.build_eval_set(ds.valid, ds.observed, ds.n_users, cfg.train.eval_batch_size)
   test_exclude = np.concatenate([ds.observed, ds.valid])
@@ -238,71 +377,112 @@ def train_and_evaluate(config: Config, workdir: str) -> dict:
   )
 
   ks, select = cfg.train.topk, cfg.train.early_stop_metric
-  best = {"epoch": 0, "score": -np.inf, "valid": {}, "params": trainer.state.params, "aux": None}
-  bad_evals = 0
-  for epoch in range(1, cfg.train.epochs + 1):
+  while prog.epoch < cfg.train.epochs and prog.bad_evals < cfg.train.patience:
+    epoch = prog.epoch + 1
     sums, times = trainer.epoch(
       lambda rec, e=epoch: files.append("meta.jsonl", {"epoch": e, **rec})
     )
     t_epoch = times["epoch_s"]
-    record = {"epoch": epoch, **{k: float(v) / n_batches for k, v in jax.device_get(sums).items()}}
-    if not np.isfinite(record["loss"]):
-      raise FloatingPointError(f"epoch {epoch}: the training loss is {record['loss']}.")
+    sums = jax.device_get(sums)
+    good = float(sums.pop("good"))
+    record = {"epoch": epoch, **{k: float(v) / max(good, 1.0) for k, v in sums.items()}}
+    record["skipped_steps"] = int(n_batches - good)
+    if record["skipped_steps"]:
+      first = int(trainer.state.first_bad_step)
+      logging.warning(
+        "epoch %d: %d step(s) skipped for a non-finite loss or gradient (first at step %d; "
+        "%d in the run so far)",
+        epoch,
+        record["skipped_steps"],
+        first,
+        int(trainer.state.bad_steps),
+      )
+      if cfg.train.on_nonfinite == "stop":
+        files.append("metrics.jsonl", record)
+        raise FloatingPointError(
+          f"non-finite loss or gradient at step {first} (epoch {epoch}); stopped as "
+          "--on_nonfinite=stop asks. The last good checkpoint is kept; rerun with --resume "
+          "after fixing the cause, or use --on_nonfinite=skip."
+        )
     record.update(
       step=int(trainer.state.step),
       **times,
       interactions_per_s=n_batches * cfg.train.batch_size / t_epoch,
-      elapsed_s=time.perf_counter() - t_start,
+      elapsed_s=prog.elapsed_s + time.perf_counter() - t_start,
     )
     msg = f"epoch {epoch:3d} | {_fmt(record, ('loss', 'bpr', 'l2', *objective.task_names))}"
     if objective.task_names:
       msg += " | w " + " ".join(f"{k}={record['weight_' + k]:.3g}" for k in objective.task_names)
     msg += f" | {t_epoch:.2f}s ({record['interactions_per_s']:,.0f} interactions/s)"
+    prog.epoch = epoch
     if epoch % cfg.train.eval_every == 0 or epoch == cfg.train.epochs:
       valid = metrics.evaluate(*trainer.embeddings(), valid_set, ks)
       record["valid"] = valid
       msg += f" | valid {_fmt(valid, ('recall@20', 'ndcg@20'))}"
-      if valid[select] > best["score"]:
-        best.update(epoch=epoch, score=valid[select], valid=valid)
-        best["params"] = jax.tree.map(jnp.copy, trainer.state.params)
-        best["aux"] = jax.device_get(trainer.state.aux_params)
-        bad_evals = 0
+      if valid[select] > prog.best_score:
+        prog.best_epoch, prog.best_score, prog.best_valid = epoch, valid[select], valid
+        prog.best_params = jax.tree.map(jnp.copy, trainer.state.params)
+        prog.best_aux = jax.tree.map(jnp.copy, trainer.state.aux_params)
+        prog.bad_evals = 0
       else:
-        bad_evals += 1
+        prog.bad_evals += 1
     logging.info("%s | elapsed %.1fs", msg, record["elapsed_s"])
     files.append("metrics.jsonl", record)
-    if bad_evals >= cfg.train.patience:
-      logging.info("early stop: %s did not improve for %d validations", select, bad_evals)
-      break
+    if prog.bad_evals >= cfg.train.patience:
+      logging.info("early stop: %s did not improve for %d validations", select, prog.bad_evals)
+    if epoch % cfg.train.checkpoint_every == 0:
+      saved_elapsed = prog.elapsed_s
+      prog.elapsed_s = record["elapsed_s"]
+      _save_checkpoint(files, trainer, prog, cfg)
+      prog.elapsed_s = saved_elapsed
 
-  test = metrics.evaluate(*trainer.embeddings(best["params"]), test_set, ks)
+  test = metrics.evaluate(*trainer.embeddings(prog.best_params), test_set, ks)
   pop_u, pop_i = metrics.popularity_embeddings(ds.observed, ds.n_users, ds.n_items)
   popularity = metrics.evaluate(pop_u, pop_i, test_set, ks)
   final = {
-    "best_epoch": best["epoch"],
-    "valid": best["valid"],
+    "best_epoch": prog.best_epoch,
+    "valid": prog.best_valid,
     "test": test,
     "popularity": popularity,
-    "epochs_run": epoch,
-    "wall_s": time.perf_counter() - t_start,
+    "epochs_run": prog.epoch,
+    "skipped_steps": int(trainer.state.bad_steps),
+    "wall_s": prog.elapsed_s + time.perf_counter() - t_start,
   }
   if objective.task_names and not (cfg.aux.weighting == "meta" and cfg.meta.weight_net):
-    final.update(_weights_summary(cfg, objective, best["aux"], trainer.state.aux_params))
+    final.update(_weights_summary(cfg, objective, prog.best_aux, trainer.state.aux_params))
   if trainer.meta is not None:
     final["meta"] = trainer.meta.summary()
   recommend.save_model(
-    os.path.join(workdir, recommend.MODEL_FILE), *trainer.embeddings(best["params"]), ds, cfg.flat()
+    files.path(recommend.MODEL_FILE), *trainer.embeddings(prog.best_params), ds, cfg.flat()
   )
   files.write_json("final_metrics.json", final)
   files.close()
   logging.info(
     "best epoch %d | test %s | popularity %s%s",
-    best["epoch"],
+    prog.best_epoch,
     _fmt(test, ("recall@20", "ndcg@20")),
     _fmt(popularity, ("recall@20", "ndcg@20")),
     "".join(f" | w {k}={v:.3g}" for k, v in final.get("aux_weights", {}).items()),
   )
   return final
+
+
+def config_warnings(cfg: Config, steps_per_epoch: int) -> list[str]:
+  """Settings that are valid but probably not what was meant, once the data is known."""
+  out = []
+  if cfg.aux.weighting == "meta" and cfg.meta.meta_every > steps_per_epoch:
+    out.append(
+      f"--meta_every={cfg.meta.meta_every} is larger than an epoch ({steps_per_epoch} steps): "
+      "fewer than one meta step per epoch."
+    )
+  if cfg.aux.weighting == "meta":
+    first = max(cfg.meta.warmup_epochs * steps_per_epoch, cfg.meta.meta_every)
+    if first > cfg.train.epochs * steps_per_epoch:
+      out.append(
+        f"no meta step will run: the first comes after step {first}, but --epochs="
+        f"{cfg.train.epochs} gives {cfg.train.epochs * steps_per_epoch} steps."
+      )
+  return out
 
 
 def initial_aux_params(cfg: Config):
@@ -351,12 +531,13 @@ class Trainer:
     tx = optax.adam(cfg.train.learning_rate)
     aux_tx = optax.adam(cfg.train.learning_rate) if cfg.aux.weighting == "uncertainty" else None
     self.state = init_state(self.model, tx, jax.random.key(cfg.train.seed), aux_params, aux_tx)
+    inject = cfg.train.inject_nan_at_step
     if uses_sparse_updates(cfg):
       self.state = self.state.replace(opt_state=sparse.lazy_adam_init(self.state.params))
-      fn = sparse_run_steps_fn(cfg.train.l2_reg, cfg.train.learning_rate)
-      self.run_steps = make_run_steps(self.objective, tx, fn=fn)
+      fn = sparse_run_steps_fn(cfg.train.l2_reg, cfg.train.learning_rate, inject)
     else:
-      self.run_steps = make_run_steps(self.objective, tx, aux_tx)
+      fn = run_steps_fn(self.objective, tx, aux_tx, inject)
+    self.run_steps = make_run_steps(self.objective, tx, fn=fn)
     model = self.model
     self._embed = jax.jit(lambda p, g, w: model.apply({"params": p}, g, w))
     self.n_batches = self.sampler.num_batches(cfg.train.batch_size)
@@ -371,6 +552,26 @@ class Trainer:
     and early stopping never change them."""
     rng = np.random.default_rng([self.cfg.train.seed, 0, epoch])
     return jax.device_put(self.sampler.epoch(rng, self.cfg.train.batch_size))
+
+  def device_state(self) -> dict:
+    """The arrays a checkpoint holds: the train state and the meta state."""
+    return {"train": self.state, "meta": self.meta.state if self.meta is not None else {}}
+
+  def host_state(self) -> dict:
+    """The host-side counters a checkpoint holds (JSON)."""
+    out = {"epochs_done": self.epochs_done}
+    if self.meta is not None:
+      out["meta"] = self.meta.host_state()
+    return out
+
+  def load(self, device: dict, host: dict) -> None:
+    """Restores what `device_state` and `host_state` returned."""
+    self.state = device["train"]
+    self.epochs_done = host["epochs_done"]
+    self._next = None
+    if self.meta is not None:
+      self.meta.state = device["meta"]
+      self.meta.load_host_state(host["meta"])
 
   def embeddings(self, params=None):
     """Final (users [U, d], items [I, d]) of `params` (default: the current ones)."""

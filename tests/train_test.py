@@ -125,3 +125,29 @@ def test_meta_split_is_never_trained_on_and_masked(tmp_path):
   final = train.train_and_evaluate(cfg, str(tmp_path))
   summary = json.loads((tmp_path / "data_summary.json").read_text())
   assert summary["n_meta"] == len(ds.meta) and final["best_epoch"] == 1
+
+
+@pytest.mark.parametrize("weighting", ["none", "fixed"])  # the sparse and the dense step
+def test_injected_nan_is_skipped_and_reported(tmp_path, weighting):
+  n_steps = 10  # steps in a TINY epoch: the NaN lands in the second epoch
+  cfg = Config.from_flat(
+    **{**TINY, "weighting": weighting}, epochs=3, inject_nan_at_step=n_steps + 2
+  )
+  final = train.train_and_evaluate(cfg, str(tmp_path))
+  assert final["skipped_steps"] == 1
+  records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [r["skipped_steps"] for r in records] == [0, 1, 0]
+  assert all(np.isfinite(r["loss"]) for r in records)
+  params = np.load(tmp_path / "model.npz")
+  assert np.isfinite(params["user_emb"]).all() and np.isfinite(params["item_emb"]).all()
+
+
+def test_injected_nan_with_stop_keeps_the_last_good_checkpoint(tmp_path):
+  from maxrec import checkpoint
+
+  cfg = Config.from_flat(**TINY, epochs=4, inject_nan_at_step=12, on_nonfinite="stop")
+  with pytest.raises(FloatingPointError, match="non-finite loss or gradient at step 12"):
+    train.train_and_evaluate(cfg, str(tmp_path))
+  saved = checkpoint.list_checkpoints(str(tmp_path))
+  assert [e for e, _ in saved] == [1]  # epoch 2 held the NaN: no checkpoint after it
+  assert not (tmp_path / "final_metrics.json").exists()

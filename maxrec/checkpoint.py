@@ -1,0 +1,78 @@
+"""Atomic checkpoints of a run, the last N kept, for exact resumption (`--resume`).
+
+A checkpoint is one msgpack file (Flax serialization) under `<workdir>/checkpoints/`,
+named by the epoch it follows. It is written to a temporary name, flushed to disk and then
+renamed, so a process killed while saving leaves the previous checkpoints intact and never
+a truncated file under a checkpoint's name. Arrays are gathered to the host first (the
+single-host case; see BUILD_NOTES.md for multi-host).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import jax
+import numpy as np
+from flax import serialization
+
+DIR = "checkpoints"
+_NAME = re.compile(r"^ckpt_(\d{6})\.msgpack$")
+
+
+def _is_key(x) -> bool:
+  dtype = getattr(x, "dtype", None)
+  return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+
+
+def _keys_to_data(tree):
+  """PRNG key arrays -> their raw uint32 data (msgpack cannot hold key dtypes)."""
+  return jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, tree)
+
+
+def _data_to_keys(tree, template):
+  return jax.tree.map(lambda x, t: jax.random.wrap_key_data(x) if _is_key(t) else x, tree, template)
+
+
+def list_checkpoints(workdir: str) -> list[tuple[int, str]]:
+  """(epoch, path) of the complete checkpoints in `workdir`, oldest first."""
+  folder = os.path.join(workdir, DIR)
+  if not os.path.isdir(folder):
+    return []
+  found = [
+    (int(m.group(1)), os.path.join(folder, n)) for n in os.listdir(folder) if (m := _NAME.match(n))
+  ]
+  return sorted(found)
+
+
+def save(workdir: str, epoch: int, payload, keep: int) -> str:
+  """Writes `payload` (a pytree of arrays, numbers and dicts) as the checkpoint of `epoch`,
+  atomically, then deletes all but the newest `keep` checkpoints."""
+  folder = os.path.join(workdir, DIR)
+  os.makedirs(folder, exist_ok=True)
+  host = jax.device_get(_keys_to_data(payload))
+  data = serialization.msgpack_serialize(serialization.to_state_dict(host))
+  path = os.path.join(folder, f"ckpt_{epoch:06d}.msgpack")
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "wb") as f:
+    f.write(data)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+  dir_fd = os.open(folder, os.O_RDONLY)
+  try:
+    os.fsync(dir_fd)  # make the rename itself durable
+  finally:
+    os.close(dir_fd)
+  for _, old in list_checkpoints(workdir)[:-keep]:
+    os.remove(old)
+  return path
+
+
+def restore(path: str, template):
+  """Reads a checkpoint into the structure of `template` (e.g. a freshly built state)."""
+  with open(path, "rb") as f:
+    state_dict = serialization.msgpack_restore(f.read())
+  restored = serialization.from_state_dict(_keys_to_data(template), state_dict)
+  restored = jax.tree.map(lambda x: np.asarray(x) if isinstance(x, np.ndarray) else x, restored)
+  return _data_to_keys(restored, template)
