@@ -55,6 +55,8 @@ class AuxSettings:
   view_layers: int = 1
   simgcl_eps: float = 0.1
   kernel: str = "bcsr"
+  max_users: int | None = None  # static cap on a batch's distinct users (None: batch size)
+  max_items: int | None = None  # static cap on a batch's distinct positive items
 
 
 class AuxContext:
@@ -72,6 +74,14 @@ class AuxContext:
   def __init__(self, params, final, batch, graph, key, settings: AuxSettings):
     self.params, self.final, self.batch = params, final, batch
     self.graph, self.key, self.settings = graph, key, settings
+
+  @property
+  def user_cap(self) -> int:
+    return min(self.graph.n_users, self.settings.max_users or self.graph.n_users)
+
+  @property
+  def item_cap(self) -> int:
+    return min(self.graph.n_items, self.settings.max_items or self.graph.n_items)
 
   @property
   def ego(self) -> jax.Array:
@@ -150,9 +160,11 @@ def names() -> tuple[str, ...]:
   return tuple(sorted(_REGISTRY))
 
 
-def _contrast(view1, view2, ids, offset, n_entities, temperature) -> AuxOutput:
-  """InfoNCE over the unique `ids` of a batch, rows `offset + id` of two node views."""
-  uniq, valid = losses.unique_ids(ids, min(ids.shape[0], n_entities))
+def _contrast(view1, view2, ids, offset, cap, temperature) -> AuxOutput:
+  """InfoNCE over the unique `ids` of a batch (at most `cap`), rows `offset + id` of two
+  node views. In-batch cost is quadratic in `cap`, so the Trainer sets it just above the
+  most distinct ids a batch has (it counts any batch that would exceed it)."""
+  uniq, valid = losses.unique_ids(ids, min(ids.shape[0], cap))
   z1, z2 = view1[offset + uniq], view2[offset + uniq]
   return AuxOutput(losses.info_nce(z1, z2, temperature, valid), uniq, valid)
 
@@ -161,7 +173,7 @@ def _contrast(view1, view2, ids, offset, n_entities, temperature) -> AuxOutput:
 def user_sgl(ctx: AuxContext) -> AuxOutput:
   """Users of the batch, contrasted across the two edge-dropout views."""
   v1, v2 = ctx.edge_dropout_views
-  return _contrast(v1, v2, ctx.batch["user"], 0, ctx.graph.n_users, ctx.settings.temperature)
+  return _contrast(v1, v2, ctx.batch["user"], 0, ctx.user_cap, ctx.settings.temperature)
 
 
 @register("item_sgl", "item")
@@ -169,14 +181,14 @@ def item_sgl(ctx: AuxContext) -> AuxOutput:
   """Positive items of the batch, contrasted across the two edge-dropout views."""
   v1, v2 = ctx.edge_dropout_views
   g = ctx.graph
-  return _contrast(v1, v2, ctx.batch["pos"], g.n_users, g.n_items, ctx.settings.temperature)
+  return _contrast(v1, v2, ctx.batch["pos"], g.n_users, ctx.item_cap, ctx.settings.temperature)
 
 
 @register("user_simgcl", "user")
 def user_simgcl(ctx: AuxContext) -> AuxOutput:
   """Users of the batch, contrasted across two noise-perturbed views (SimGCL)."""
   v1, v2 = ctx.noise_views
-  return _contrast(v1, v2, ctx.batch["user"], 0, ctx.graph.n_users, ctx.settings.temperature)
+  return _contrast(v1, v2, ctx.batch["user"], 0, ctx.user_cap, ctx.settings.temperature)
 
 
 @register("item_cooc", "item")

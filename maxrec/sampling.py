@@ -82,5 +82,14 @@ class Sampler:
     """`size` triples from uniformly drawn pairs (with replacement), [size] each."""
     return self._triples(rng, rng.integers(len(self.pairs), size=size))
 
+  @staticmethod
+  def max_unique(batch: Batch) -> tuple[int, int]:
+    """The most distinct users and distinct positive items in any one batch of `batch`
+    ([B] or [n, B] arrays): what the in-batch contrastive tasks must hold."""
+    users = np.atleast_2d(batch["user"])
+    items = np.atleast_2d(batch["pos"])
+    count = lambda a: max(len(np.unique(row)) for row in a)  # noqa: E731
+    return count(users), count(items)
+
   def num_batches(self, batch_size: int) -> int:
     return -(-len(self.pairs) // batch_size)

@@ -85,13 +85,17 @@ def _finite(loss, grads) -> jax.Array:
   return jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
 
 
-def make_objective(model, cfg: Config) -> Objective:
+def make_objective(model, cfg: Config, anchor_caps: tuple[int, int] | None = None) -> Objective:
+  """The run's objective; `anchor_caps` bounds the distinct users and items per batch that
+  the contrastive tasks hold (default: the batch size)."""
   settings = auxiliary.AuxSettings(
     temperature=cfg.aux.ssl_temperature,
     edge_drop=cfg.aux.edge_drop,
     view_layers=cfg.view_layers,
     simgcl_eps=cfg.aux.simgcl_eps,
     kernel=cfg.model.propagation,
+    max_users=None if anchor_caps is None else anchor_caps[0],
+    max_items=None if anchor_caps is None else anchor_caps[1],
   )
   weight_net = None
   if cfg.aux.weighting == "meta" and cfg.meta.weight_net:
@@ -526,7 +530,10 @@ class Trainer:
     self.graph = graph_lib.build_graph(ds.train, ds.n_users, ds.n_items)
     self.weights = graph_lib.edge_weights(self.graph)
     self.model = make_model(cfg.model, ds.n_users, ds.n_items)
-    self.objective = make_objective(self.model, cfg)
+    self.anchor_caps = None
+    self.anchor_caps = self._anchor_caps() if cfg.aux.tasks else None
+    self.anchor_overflows = 0
+    self.objective = make_objective(self.model, cfg, self.anchor_caps)
     aux_params = initial_aux_params(cfg)
     tx = optax.adam(cfg.train.learning_rate)
     aux_tx = optax.adam(cfg.train.learning_rate) if cfg.aux.weighting == "uncertainty" else None
@@ -547,11 +554,45 @@ class Trainer:
         self.objective, cfg, self.sampler, ds, aux_params, cfg.train.seed, self.n_batches
       )
 
+  def _anchor_caps(self) -> tuple[int, int]:
+    """Static sizes for the in-batch contrastive tasks: 25% above the most distinct users
+    and items in the first epoch's batches (and in a few hyper-batches), rounded up to 64.
+    In-batch InfoNCE costs the square of this, so padding to the batch size (2048) when
+    a batch holds ~800 distinct items would cost several times more."""
+    first = self._sample(0)
+    self._next = (0, self._prefetch.submit(lambda: first))
+    counts = [Sampler.max_unique(jax.device_get(first))]
+    if self.cfg.aux.weighting == "meta":
+      rng = np.random.default_rng([self.cfg.train.seed, 2])
+      hyper = self.cfg.meta.hyper_batch_size
+      counts += [Sampler.max_unique(self.sampler.sample(rng, hyper)) for _ in range(3)]
+    users, items = (max(c[k] for c in counts) for k in (0, 1))
+    up = lambda n: -(-int(1.25 * n) // 64) * 64  # noqa: E731
+    return up(users), up(items)
+
+  def _check_anchors(self, batches) -> None:
+    """Counts batches with more distinct users or items than the tasks hold (their
+    largest ids would not be anchors) and warns: it should essentially never happen."""
+    if self.anchor_caps is None:
+      return
+    users, items = Sampler.max_unique(batches)
+    if users > self.anchor_caps[0] or items > self.anchor_caps[1]:
+      self.anchor_overflows += 1
+      logging.warning(
+        "a batch has %d distinct users / %d items, above the contrastive tasks' %d / %d: "
+        "some anchors were left out of InfoNCE this epoch",
+        users,
+        items,
+        *self.anchor_caps,
+      )
+
   def _sample(self, epoch: int):
     """Epoch `epoch`'s batches: a function of (seed, epoch) only, so prefetching, resuming
     and early stopping never change them."""
     rng = np.random.default_rng([self.cfg.train.seed, 0, epoch])
-    return jax.device_put(self.sampler.epoch(rng, self.cfg.train.batch_size))
+    batches = self.sampler.epoch(rng, self.cfg.train.batch_size)
+    self._check_anchors(batches)
+    return jax.device_put(batches)
 
   def device_state(self) -> dict:
     """The arrays a checkpoint holds: the train state and the meta state."""
