@@ -27,6 +27,10 @@ flags.DEFINE_bool(
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  if flags.FLAGS.distributed:
+    import jax
+
+    jax.distributed.initialize()  # coordinator and process ids from the environment
   from maxrec.readers import DataError
   from maxrec.train import train_and_evaluate
 

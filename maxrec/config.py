@@ -173,6 +173,11 @@ class TrainConfig:
     "MF without auxiliary tasks: update only the rows a batch touches, with lazy Adam "
     "(maxrec/sparse.py); --nosparse_updates for dense Adam.",
   )
+  mesh_devices: int = _f(
+    0,
+    "Devices of the data-parallel mesh: tables sharded by rows, batches split across them. "
+    "0: every local device (one CPU here); 1: no sharding.",
+  )
   checkpoint_every: int = _f(1, "Write a checkpoint every this many epochs.")
   keep_checkpoints: int = _f(2, "Checkpoints kept (the newest); older ones are deleted.")
   on_nonfinite: str = _f(
@@ -197,6 +202,7 @@ class TrainConfig:
     _check(self.l2_reg >= 0, f"--l2_reg={self.l2_reg} must be >= 0.")
     _check(len(self.topk) >= 1 and all(k >= 1 for k in self.topk), "--topk needs positive K.")
     _check_choice("on_nonfinite", self.on_nonfinite, ("skip", "stop"))
+    _check(self.mesh_devices >= 0, f"--mesh_devices={self.mesh_devices} must be >= 0.")
     name, _, k = self.early_stop_metric.partition("@")
     _check(
       name in METRIC_NAMES and k.isdigit() and int(k) in self.topk,

@@ -220,9 +220,12 @@ class MetaRunner:
     seed: B_h and B_m of meta step k are drawn from `default_rng([seed, 1, k])`, so they
       depend on (seed, k) only, not on how the run was interrupted or resumed.
     steps_per_epoch: inner steps per epoch (the warm-up is counted in epochs).
+    place: puts a batch on the device(s) (the Trainer's, which shards it on a mesh).
   """
 
-  def __init__(self, objective, config, inner_sampler, ds, aux_params, seed, steps_per_epoch):
+  def __init__(
+    self, objective, config, inner_sampler, ds, aux_params, seed, steps_per_epoch, place=None
+  ):
     from maxrec.sampling import Sampler
 
     self.cfg = config.meta
@@ -237,6 +240,7 @@ class MetaRunner:
     self.inner_sampler = inner_sampler
     self.meta_sampler = Sampler(ds.meta, ds.observed, ds.n_users, ds.n_items)
     self.seed, self.key = seed, jax.random.key(config.train.seed + 2)
+    self.place = jax.device_put if place is None else place
     self.warmup = self.cfg.warmup_epochs * steps_per_epoch
     self.task_names = objective.task_names
     self.count, self.inner_s, self.inner_steps, self.meta_s = 0, 0.0, 0, []
@@ -272,9 +276,10 @@ class MetaRunner:
       hyper = {k: np.stack([p[k] for p in parts]) for k in parts[0]}
     else:
       hyper = self.inner_sampler.sample(rng, c.hyper_batch_size)
-    return jax.device_put(
-      {"hyper": hyper, "meta": self.meta_sampler.sample(rng, c.meta_batch_size)}
-    )
+    return {
+      "hyper": self.place(hyper),
+      "meta": self.place(self.meta_sampler.sample(rng, c.meta_batch_size)),
+    }
 
   def step(self, train_state, graph, weights):
     """One meta step on the train state; returns (new train state, JSON record)."""

@@ -84,7 +84,11 @@ def block_pairs(pairs: np.ndarray, n_users: int, users: np.ndarray, block: int):
 
 
 def build_eval_set(
-  heldout: np.ndarray, exclude: np.ndarray, n_users: int, batch_size: int = 1024
+  heldout: np.ndarray,
+  exclude: np.ndarray,
+  n_users: int,
+  batch_size: int = 1024,
+  multiple_of: int = 1,
 ) -> EvalSet:
   """Prepares evaluation of `heldout` pairs, masking the `exclude` pairs.
 
@@ -93,12 +97,14 @@ def build_eval_set(
     exclude: [m, 2] pairs never to rank (training, and validation when testing).
     n_users: user id space size.
     batch_size: users per block (bounds memory).
+    multiple_of: blocks are a multiple of this many users (the devices they are split over).
   """
   counts = np.bincount(heldout[:, 0], minlength=n_users)
   users = np.flatnonzero(counts > 0).astype(np.int32)
   if users.size == 0:
     raise ValueError("no user has a held-out interaction to evaluate.")
   block = int(min(batch_size, users.size))
+  block = -(-block // multiple_of) * multiple_of
   n_blocks = -(-users.size // block)
   padded = np.zeros(n_blocks * block, np.int32)
   padded[: users.size] = users

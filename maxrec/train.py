@@ -24,7 +24,7 @@ import optax
 from absl import logging
 from flax import struct
 
-from maxrec import auxiliary, checkpoint, metrics, recommend, sparse
+from maxrec import auxiliary, checkpoint, metrics, recommend, sharding, sparse
 from maxrec import data as data_lib
 from maxrec import graph as graph_lib
 from maxrec import meta as meta_lib
@@ -229,9 +229,13 @@ def _index(batches, t):
   return jax.tree.map(lambda b: jax.lax.dynamic_index_in_dim(b, t, keepdims=False), batches)
 
 
-def init_state(model, tx, key, aux_params=None, aux_tx=None) -> TrainState:
+def init_state(model, tx, key, aux_params=None, aux_tx=None, pad_to=None) -> TrainState:
+  """A fresh state; `pad_to=(users, items)` appends zero rows to the initial tables (the
+  values of the real rows do not depend on the padding)."""
   init_key, train_key = jax.random.split(key)
   params = model.init_params(init_key)
+  if pad_to is not None:
+    params = {k: sharding.pad_rows(params[k], n) for k, n in zip(("user", "item"), pad_to)}
   if aux_params is None:
     aux_params = jnp.zeros((0,), jnp.float32)
   return TrainState(
@@ -370,9 +374,8 @@ def train_and_evaluate(config: Config, workdir: str, resume: bool = False) -> di
   else:
     prog = Progress(best_params=trainer.state.params, best_aux=trainer.state.aux_params)
 
-  valid_set = metrics.build_eval_set(ds.valid, ds.observed, ds.n_users, cfg.train.eval_batch_size)
-  test_exclude = np.concatenate([ds.observed, ds.valid])
-  test_set = metrics.build_eval_set(ds.test, test_exclude, ds.n_users, cfg.train.eval_batch_size)
+  valid_set = trainer.eval_set(ds.valid, ds.observed)
+  test_set = trainer.eval_set(ds.test, np.concatenate([ds.observed, ds.valid]))
   logging.info(
     "evaluating %d validation users (%d without validation items excluded), %d test users",
     valid_set.n_users,
@@ -471,6 +474,20 @@ def train_and_evaluate(config: Config, workdir: str, resume: bool = False) -> di
   return final
 
 
+def _sharded_config(cfg: Config, mesh) -> Config:
+  """The configuration under a mesh of D > 1 devices: batch sizes must split evenly, and
+  the graph product uses the `segment` kernel, which XLA can partition."""
+  d = mesh.size
+  for name in ("batch_size", "hyper_batch_size", "meta_batch_size"):
+    value = cfg.flat()[name]
+    if value % d:
+      raise ValueError(f"--{name}={value} must be a multiple of the {d} devices of the mesh.")
+  if cfg.model.propagation != "segment":
+    logging.info("sharded over %d devices: using --propagation=segment", d)
+    cfg = cfg.replace(propagation="segment")
+  return cfg
+
+
 def config_warnings(cfg: Config, steps_per_epoch: int) -> list[str]:
   """Settings that are valid but probably not what was meant, once the data is known."""
   out = []
@@ -526,10 +543,18 @@ class Trainer:
     self.epochs_done = 0
     self._prefetch = concurrent.futures.ThreadPoolExecutor(max_workers=1)
     self._next = None  # (epoch index, future of its batches)
+    self.mesh = sharding.make_mesh(cfg.train.mesh_devices)
+    if self.mesh.size == 1:
+      self.mesh = None
+    else:
+      cfg = self.cfg = _sharded_config(cfg, self.mesh)
+    n_users, n_items = ds.n_users, ds.n_items
+    if self.mesh is not None:  # tables padded to a multiple of the device count
+      n_users, n_items = sharding.padded(n_users, self.mesh), sharding.padded(n_items, self.mesh)
     self.sampler = Sampler(ds.train, ds.observed, ds.n_users, ds.n_items)
-    self.graph = graph_lib.build_graph(ds.train, ds.n_users, ds.n_items)
+    self.graph = graph_lib.build_graph(ds.train, n_users, n_items)
     self.weights = graph_lib.edge_weights(self.graph)
-    self.model = make_model(cfg.model, ds.n_users, ds.n_items)
+    self.model = make_model(cfg.model, n_users, n_items)
     self.anchor_caps = None
     self.anchor_caps = self._anchor_caps() if cfg.aux.tasks else None
     self.anchor_overflows = 0
@@ -537,22 +562,32 @@ class Trainer:
     aux_params = initial_aux_params(cfg)
     tx = optax.adam(cfg.train.learning_rate)
     aux_tx = optax.adam(cfg.train.learning_rate) if cfg.aux.weighting == "uncertainty" else None
-    self.state = init_state(self.model, tx, jax.random.key(cfg.train.seed), aux_params, aux_tx)
+    key = jax.random.key(cfg.train.seed)
+    true_size = make_model(cfg.model, ds.n_users, ds.n_items)  # the same initial values
+    self.state = init_state(true_size, tx, key, aux_params, aux_tx, pad_to=(n_users, n_items))
     inject = cfg.train.inject_nan_at_step
     if uses_sparse_updates(cfg):
       self.state = self.state.replace(opt_state=sparse.lazy_adam_init(self.state.params))
       fn = sparse_run_steps_fn(cfg.train.l2_reg, cfg.train.learning_rate, inject)
     else:
       fn = run_steps_fn(self.objective, tx, aux_tx, inject)
+    self._tables = {n_users, n_items, n_users + n_items}
+    self.state = self._place(self.state)
+    if self.mesh is not None:
+      self.graph = sharding.shard_tree(self.graph, self.mesh, set())
+      self.weights = sharding.put(self.weights, sharding.replicated(self.mesh))
     self.run_steps = make_run_steps(self.objective, tx, fn=fn)
-    model = self.model
-    self._embed = jax.jit(lambda p, g, w: model.apply({"params": p}, g, w))
+    model, (nu, ni) = self.model, (ds.n_users, ds.n_items)
+    self._embed = jax.jit(
+      lambda p, g, w: tuple(x[:n] for x, n in zip(model.apply({"params": p}, g, w), (nu, ni)))
+    )
     self.n_batches = self.sampler.num_batches(cfg.train.batch_size)
     self.meta = None
     if cfg.aux.weighting == "meta":
       self.meta = meta_lib.MetaRunner(
-        self.objective, cfg, self.sampler, ds, aux_params, cfg.train.seed, self.n_batches
-      )
+        self.objective, cfg, self.sampler, ds, aux_params, cfg.train.seed, self.n_batches,
+        place=self.place_batches,
+      )  # fmt: skip
 
   def _anchor_caps(self) -> tuple[int, int]:
     """Static sizes for the in-batch contrastive tasks: 25% above the most distinct users
@@ -592,7 +627,31 @@ class Trainer:
     rng = np.random.default_rng([self.cfg.train.seed, 0, epoch])
     batches = self.sampler.epoch(rng, self.cfg.train.batch_size)
     self._check_anchors(batches)
-    return jax.device_put(batches)
+    return self.place_batches(batches)
+
+  def eval_set(self, heldout: np.ndarray, exclude: np.ndarray) -> metrics.EvalSet:
+    """The evaluation of `heldout` pairs; on a mesh, each block's users are split across
+    the devices (each scores its users against all items)."""
+    d = 1 if self.mesh is None else self.mesh.size
+    es = metrics.build_eval_set(
+      heldout, exclude, self.ds.n_users, self.cfg.train.eval_batch_size, multiple_of=d
+    )
+    if self.mesh is None:
+      return es
+    split = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(None, sharding.AXIS))
+    rep = sharding.replicated(self.mesh)
+    return es.replace(
+      **{k: sharding.put(getattr(es, k), split) for k in ("users", "valid", "n_relevant")},
+      **{
+        k: sharding.put(getattr(es, k), rep) for k in ("mask_row", "mask_col", "rel_row", "rel_col")
+      },
+    )
+
+  def place_batches(self, batches: dict) -> dict:
+    """Batches on the device(s): split along the batch axis when sharded."""
+    if self.mesh is None:
+      return jax.device_put(batches)
+    return sharding.shard_batches(batches, self.mesh)
 
   def device_state(self) -> dict:
     """The arrays a checkpoint holds: the train state and the meta state."""
@@ -605,13 +664,19 @@ class Trainer:
       out["meta"] = self.meta.host_state()
     return out
 
+  def _place(self, tree):
+    """Row-shards tables (and their optimizer state) on a mesh; a no-op on one device."""
+    if self.mesh is None:
+      return tree
+    return sharding.shard_tree(tree, self.mesh, self._tables)
+
   def load(self, device: dict, host: dict) -> None:
     """Restores what `device_state` and `host_state` returned."""
-    self.state = device["train"]
+    self.state = self._place(device["train"])
     self.epochs_done = host["epochs_done"]
     self._next = None
     if self.meta is not None:
-      self.meta.state = device["meta"]
+      self.meta.state = self._place(device["meta"])
       self.meta.load_host_state(host["meta"])
 
   def embeddings(self, params=None):
