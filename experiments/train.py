@@ -22,6 +22,12 @@ flags.DEFINE_string("workdir", None, "Output folder. Empty: runs/<date>-<time>-<
 flags.DEFINE_bool(
   "resume", False, "Continue the interrupted run in --workdir from its last checkpoint."
 )
+flags.DEFINE_bool(
+  "distributed",
+  False,
+  "Multi-host run (TPU pod slice, several GPU hosts): call jax.distributed.initialize() "
+  "first; every host runs this same command.",
+)
 
 
 def main(argv):
