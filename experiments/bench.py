@@ -1,45 +1,73 @@
 """Benchmarks measured side by side in one process, printed as times and ratios.
 
-  python -m experiments.bench                      # meta vs fixed epoch, default settings
-  python -m experiments.bench --out=bench.json     # also write the figures as JSON
+  python -m experiments.bench                                # default data: meta vs fixed
+  python -m experiments.bench --scale=gowalla --out=bench.json   # the performance targets
 
-Every figure is a mean over timed epochs after warm-up epochs that absorb compilation
-(and, for meta-learning, the first meta step's compilation). Any config flag applies, e.g.
---model=lightgcn or --data_path=...; the data set is the built-in one by default.
+--scale=gowalla builds a Gowalla-sized problem with the built-in generator (29,858 users x
+40,981 items, about 810k training interactions, d = 64, batch 2048; no download) and
+measures, in this order: MF-BPR epoch, full-ranking evaluation of every test user against
+the bare score matmul of the same shapes, LightGCN epoch, fixed-weight and meta-learning
+epochs of the default method, and implicit's C++ BPR on the same data when `implicit` is
+installed (`pip install -e '.[bench]'`). Peak RSS is read after the MF run and its
+evaluation. Times are medians (or means over whole epochs, which contain meta steps at
+fixed intervals) after compilation, which is timed apart.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import platform
+import resource
 import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
 from experiments.config_flags import config_from_flags, define_config_flags
 
 define_config_flags()
-flags.DEFINE_list("only", ["fixed", "meta"], "What to measure: fixed, meta.")
-flags.DEFINE_integer("timed_epochs", 5, "Epochs timed per measurement (after warm-up).")
+flags.DEFINE_enum("scale", "default", ["default", "gowalla"], "Problem size.")
+flags.DEFINE_list("only", [], "Subset of: mf, eval, lightgcn, fixed, meta, implicit.")
+flags.DEFINE_integer("timed_epochs", 3, "Epochs timed per training measurement.")
 flags.DEFINE_string("out", None, "Write the figures to this JSON file.")
+
+GOWALLA = dict(
+  synth_users=29858,
+  synth_items=40981,
+  synth_interactions=1_000_000,
+  split_ratios=(0.81, 0.0, 0.19),
+  batch_size=2048,
+  embedding_dim=64,
+)
+PEERS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "peers", "results")
+
+
+def _rss_mib() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def time_epochs(cfg, ds, timed: int) -> dict:
-  """Mean epoch time of a `Trainer` after the epochs that compile its steps."""
+  """Mean epoch time of a `Trainer` after compiling its step (and its first meta step)."""
   from maxrec.train import Trainer
 
   trainer = Trainer(cfg, ds)
-  warm = 1
+  g, w = trainer.graph, trainer.weights
+  batches = trainer._sample(0)
+  t0 = time.perf_counter()
+  state, _ = trainer.run_steps(trainer.state, g, w, batches, jnp.int32(0), jnp.int32(1))
+  jax.block_until_ready(state.params)
+  compile_s = time.perf_counter() - t0  # compilation + one step
+  trainer.state = state
+  warm = 0
   if trainer.meta is not None:  # run past the first meta step, which compiles the meta step
     first_meta = max(trainer.meta.warmup, cfg.meta.meta_every)
-    warm = -(-first_meta // trainer.n_batches) + 1
-  t0 = time.perf_counter()
-  for _ in range(warm):
-    trainer.epoch()
-  warm_s = time.perf_counter() - t0
+    while int(trainer.state.step) <= first_meta:
+      trainer.epoch()
+      warm += 1
   times, meta_s = [], 0.0
   meta_before = trainer.meta.count if trainer.meta is not None else 0
   for _ in range(timed):
@@ -49,15 +77,83 @@ def time_epochs(cfg, ds, timed: int) -> dict:
   out = {
     "epoch_s": float(np.mean(times)),
     "epoch_s_all": [round(x, 4) for x in times],
+    "compile_s": compile_s,
     "warmup_epochs": warm,
-    "warmup_s": warm_s,
     "steps_per_epoch": trainer.n_batches,
+    "compilations": trainer.run_steps._cache_size(),
   }
   if trainer.meta is not None:
     out["meta_steps_timed"] = trainer.meta.count - meta_before
     out["meta_s_per_epoch"] = meta_s / timed
     out["meta_summary"] = trainer.meta.summary()
-  return out
+  return out, trainer
+
+
+def time_eval(trainer, ds, repeats: int = 3) -> dict:
+  """Full-ranking evaluation of every test user, against the bare blocked matmul."""
+  from maxrec import metrics
+
+  es = trainer.eval_set(ds.test, ds.observed)
+  users, items = trainer.embeddings()
+  t0 = time.perf_counter()
+  metrics.evaluate(users, items, es)
+  compile_s = time.perf_counter() - t0
+  eval_times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    metrics.evaluate(users, items, es)
+    eval_times.append(time.perf_counter() - t0)
+
+  @jax.jit
+  def bare(users, items, blocks):
+    def one(acc, b):  # the same [block, items] products; a sum keeps them from being elided
+      return acc + jnp.sum(users[b] @ items.T), None
+
+    return jax.lax.scan(one, jnp.zeros(()), blocks)[0]
+
+  jax.block_until_ready(bare(users, items, es.users))
+  mm_times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(bare(users, items, es.users))
+    mm_times.append(time.perf_counter() - t0)
+  return {
+    "eval_s": float(np.median(eval_times)),
+    "matmul_s": float(np.median(mm_times)),
+    "eval_compile_s": compile_s,
+    "eval_users": es.n_users,
+    "eval_block": int(es.users.shape[1]),
+  }
+
+
+def time_implicit(ds, repeats: int = 2, iterations: int = 10) -> dict | None:
+  """implicit's BPR (C++, Hogwild SGD, 2 threads) on the same training pairs."""
+  try:
+    import scipy.sparse as sp
+    from implicit.cpu.bpr import BayesianPersonalizedRanking
+  except ImportError:
+    return None
+  ui = sp.csr_matrix(
+    (np.ones(len(ds.train), np.float32), (ds.train[:, 0], ds.train[:, 1])),
+    shape=(ds.n_users, ds.n_items),
+  )
+  times = []
+  for r in range(repeats + 1):
+    model = BayesianPersonalizedRanking(
+      factors=64, iterations=iterations, num_threads=2, random_state=r
+    )
+    t0 = time.perf_counter()
+    model.fit(ui, show_progress=False)
+    times.append((time.perf_counter() - t0) / iterations)
+  return {"implicit_epoch_s": float(np.median(times[1:])), "implicit_iterations": iterations}
+
+
+def _peer(name: str, key: str):
+  path = os.path.join(PEERS, name)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f).get(key)
 
 
 def main(argv):
@@ -65,46 +161,99 @@ def main(argv):
   from maxrec import data
 
   fv = flags.FLAGS
+  known = {"mf", "eval", "lightgcn", "fixed", "meta", "implicit"}
+  only = set(fv.only) or (known if fv.scale == "gowalla" else {"fixed", "meta"})
   try:
-    base = config_from_flags()
+    if only - known:
+      raise ValueError(
+        f"--only: unknown {', '.join(sorted(only - known))}; use {', '.join(sorted(known))}."
+      )
+    base = config_from_flags(**(GOWALLA if fv.scale == "gowalla" else {}))
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  unknown = set(fv.only) - {"fixed", "meta"}
-  if unknown:
-    print(f"error: --only: unknown item(s) {', '.join(sorted(unknown))}", file=sys.stderr)
-    return 2
-  meta_cfg = base.replace(weighting="meta")
-  ds = data.load_dataset(base.data, seed=base.train.seed, meta_ratio=meta_cfg.meta_ratio)
+  t0 = time.perf_counter()
+  raw = data.load_raw(base.data)
+  ds = data.build_dataset(raw, base.data, seed=base.train.seed)
+  ratio = base.replace(weighting="meta").meta_ratio
+  meta_ds = data.build_dataset(raw, base.data, seed=base.train.seed, meta_ratio=ratio)
+  del raw
   logging.info("%s", data.describe(ds))
-  result = {
-    "machine": f"{platform.machine()}, {jax.devices()[0].device_kind}, {jax.device_count()} device(s)",
+  r = {
+    "machine": f"{platform.machine()}, {os.cpu_count()} CPU(s), {jax.devices()[0].device_kind}",
     "jax": jax.__version__,
     "command": "python -m experiments.bench " + " ".join(sys.argv[1:]),
-    "config": {
-      k: v
-      for k, v in base.flat().items()
-      if k in ("model", "aux_tasks", "batch_size", "meta_every", "cg_iters")
-    },
+    "data": {k: ds.summary[k] for k in ("n_users", "n_items", "n_train", "n_test")},
+    "data_s": time.perf_counter() - t0,
+    "rss_after_data_mib": _rss_mib(),
   }
-  if "fixed" in fv.only:
-    r = time_epochs(base.replace(weighting="fixed"), ds, fv.timed_epochs)
-    result["fixed_epoch_s"], result["fixed"] = r["epoch_s"], r
-  if "meta" in fv.only:
-    r = time_epochs(meta_cfg, ds, fv.timed_epochs)
-    result["meta_epoch_s"], result["meta"] = r["epoch_s"], r
-  print(f"{'measurement':<28}{'seconds':>10}")
-  for key in ("fixed_epoch_s", "meta_epoch_s"):
-    if key in result:
-      print(f"{key:<28}{result[key]:>10.3f}")
-  if "fixed_epoch_s" in result and "meta_epoch_s" in result:
-    result["meta_over_fixed"] = result["meta_epoch_s"] / result["fixed_epoch_s"]
-    print(f"{'meta / fixed epoch':<28}{result['meta_over_fixed']:>10.2f}x   (target <= 1.3x)")
+  if "mf" in only or "eval" in only:
+    res, trainer = time_epochs(base.replace(model="mf", weighting="none"), ds, fv.timed_epochs)
+    r["mf"], r["mf_epoch_s"] = res, res["epoch_s"]
+    if "eval" in only:
+      r.update(time_eval(trainer, ds))
+    r["peak_rss_mib"] = _rss_mib()  # the MF run and its evaluation, before anything else
+    del trainer
+  if "lightgcn" in only:
+    res, _ = time_epochs(base.replace(model="lightgcn", weighting="none"), ds, 1)
+    r["lightgcn"], r["lightgcn_epoch_s"] = res, res["epoch_s"]
+  if "fixed" in only:
+    res, _ = time_epochs(base.replace(weighting="fixed"), meta_ds, fv.timed_epochs)
+    r["fixed"], r["fixed_epoch_s"] = res, res["epoch_s"]
+  if "meta" in only:
+    res, _ = time_epochs(base.replace(weighting="meta"), meta_ds, fv.timed_epochs)
+    r["meta"], r["meta_epoch_s"] = res, res["epoch_s"]
+  if "implicit" in only:
+    imp = time_implicit(ds)
+    if imp is None:
+      logging.warning("implicit is not installed (pip install -e '.[bench]'): no side-by-side peer")
+    else:
+      r.update(imp)
+  _report(r, fv.scale)
   if fv.out:
     with open(fv.out, "w") as f:
-      json.dump(result, f, indent=2)
+      json.dump(r, f, indent=2)
     print(f"wrote {fv.out}")
   return 0
+
+
+def _report(r: dict, scale: str) -> None:
+  rows = [
+    ("mf_epoch_s", "MF-BPR epoch"),
+    ("lightgcn_epoch_s", "LightGCN (3 layers) epoch"),
+    ("eval_s", "full-ranking evaluation, all users"),
+    ("matmul_s", "bare score matmul, same shapes"),
+    ("fixed_epoch_s", "fixed-weight epoch (MF + 2 tasks)"),
+    ("meta_epoch_s", "meta-learning epoch (CG)"),
+    ("implicit_epoch_s", "implicit BPR epoch (C++)"),
+  ]
+  print(f"\n{'measurement':<40}{'seconds':>10}")
+  for key, label in rows:
+    if key in r:
+      print(f"{label:<40}{r[key]:>10.3f}")
+  if "peak_rss_mib" in r:
+    print(f"{'peak RSS after MF + evaluation (MiB)':<40}{r['peak_rss_mib']:>10.0f}")
+  print("\nratios (targets in brackets)")
+  ratio = lambda a, b: r[a] / r[b] if a in r and b in r else None  # noqa: E731
+  checks = [
+    ("eval / bare matmul", ratio("eval_s", "matmul_s"), "<= 1.2"),
+    ("meta / fixed epoch", ratio("meta_epoch_s", "fixed_epoch_s"), "<= 1.3"),
+    ("MF epoch / implicit epoch", ratio("mf_epoch_s", "implicit_epoch_s"), "<= 2 (same run)"),
+  ]
+  if scale == "gowalla":
+    rb_mf = _peer("recbole_bpr_gowalla.json", "s_per_epoch_median")
+    if rb_mf and "mf_epoch_s" in r:
+      checks.append(("RecBole MF epoch / ours (recorded)", rb_mf / r["mf_epoch_s"], ">= 10"))
+    if "lightgcn_epoch_s" in r:  # RecBole's LightGCN epoch: 1.83 s/batch x 396 (RESULTS.md)
+      checks.append(
+        ("RecBole LightGCN epoch / ours (recorded)", 725.0 / r["lightgcn_epoch_s"], ">= 5")
+      )
+  for label, value, target in checks:
+    if value is not None:
+      print(f"{label:<40}{value:>10.2f}x   ({target})")
+  for key in ("mf", "lightgcn", "fixed", "meta"):
+    if key in r:
+      print(f"{key}: compile {r[key]['compile_s']:.1f}s, compilations {r[key]['compilations']}")
 
 
 if __name__ == "__main__":

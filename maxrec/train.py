@@ -491,10 +491,10 @@ def _sharded_config(cfg: Config, mesh) -> Config:
 def config_warnings(cfg: Config, steps_per_epoch: int) -> list[str]:
   """Settings that are valid but probably not what was meant, once the data is known."""
   out = []
-  if cfg.aux.weighting == "meta" and cfg.meta.meta_every > steps_per_epoch:
+  if cfg.aux.weighting == "meta" and cfg.meta.meta_every > 2 * steps_per_epoch:
     out.append(
-      f"--meta_every={cfg.meta.meta_every} is larger than an epoch ({steps_per_epoch} steps): "
-      "fewer than one meta step per epoch."
+      f"--meta_every={cfg.meta.meta_every} is more than two epochs ({steps_per_epoch} steps "
+      "each): the weights will change rarely; consider a smaller --meta_every."
     )
   if cfg.aux.weighting == "meta":
     first = max(cfg.meta.warmup_epochs * steps_per_epoch, cfg.meta.meta_every)
