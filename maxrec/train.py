@@ -349,6 +349,9 @@ def train_and_evaluate(config: Config, workdir: str, resume: bool = False) -> di
   """
   t_start = time.perf_counter()
   cfg = config
+  mesh = sharding.make_mesh(cfg.train.mesh_devices)  # flags first: no work on a bad mesh
+  if mesh.size > 1:
+    _sharded_config(cfg, mesh)
   files = RunFiles(workdir, resume=resume)
   if resume:
     _check_resumable(files, cfg)
