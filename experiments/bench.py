@@ -52,7 +52,7 @@ def _rss_mib() -> float:
 
 def time_epochs(cfg, ds, timed: int) -> dict:
   """Mean epoch time of a `Trainer` after compiling its step (and its first meta step)."""
-  from maxrec.train import Trainer
+  from maxrec.trainer import Trainer
 
   trainer = Trainer(cfg, ds)
   g, w = trainer.graph, trainer.weights

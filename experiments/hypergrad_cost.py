@@ -70,7 +70,7 @@ def _measure(fn, args, repeats):
 
 def _setup(cfg, seed=0):
   from maxrec import data
-  from maxrec.train import Trainer
+  from maxrec.trainer import Trainer
 
   ds = data.load_dataset(cfg.data, seed=seed, meta_ratio=cfg.meta_ratio)
   return ds, Trainer(cfg, ds)

@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from maxrec import data, implicit, losses, train
+from maxrec import data, implicit, losses, steps, train
 from maxrec import graph as graph_lib
 from maxrec import meta as meta_lib
 from maxrec.config import Config
@@ -139,10 +139,10 @@ def _setup(**kw):
   g = graph_lib.build_graph(ds.train, ds.n_users, ds.n_items)
   w = graph_lib.edge_weights(g)
   model = make_model(cfg.model, ds.n_users, ds.n_items)
-  obj = train.make_objective(model, cfg)
-  phi = train.initial_aux_params(cfg)
+  obj = steps.make_objective(model, cfg)
+  phi = steps.initial_aux_params(cfg)
   tx = optax.adam(1e-2)
-  state = train.init_state(model, tx, jax.random.key(0), phi)
+  state = steps.init_state(model, tx, jax.random.key(0), phi)
   sampler = Sampler(ds.train, ds.observed, ds.n_users, ds.n_items)
   return cfg, ds, g, w, obj, phi, state, sampler
 

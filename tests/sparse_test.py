@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from maxrec import data, sparse, train
+from maxrec import data, sparse, steps, train
 from maxrec.config import Config
 
 
@@ -55,7 +55,7 @@ def test_sparse_and_dense_mf_training_agree_when_every_row_is_touched():
     cfg = Config.from_flat(**kw, sparse_updates=sparse_updates)
     ds = data.build_dataset(raw, cfg.data, seed=0)
     tr = train.Trainer(cfg, ds)
-    assert train.uses_sparse_updates(cfg) == sparse_updates
+    assert steps.uses_sparse_updates(cfg) == sparse_updates
     for _ in range(5):
       sums, _ = tr.epoch()
     finals.append((jax.device_get(tr.state.params), float(sums["loss"])))

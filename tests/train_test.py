@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from maxrec import data, train
+from maxrec import data, steps, train
 from maxrec import graph as graph_lib
 from maxrec.config import Config
 from maxrec.models import make_model
@@ -32,8 +32,8 @@ def setup_run(**overrides):
   w = graph_lib.edge_weights(g)
   model = make_model(cfg.model, ds.n_users, ds.n_items)
   tx = optax.adam(cfg.train.learning_rate)
-  state = train.init_state(model, tx, jax.random.key(0))
-  run_steps = train.make_run_steps(train.make_objective(model, cfg), tx)
+  state = steps.init_state(model, tx, jax.random.key(0))
+  run_steps = steps.make_run_steps(steps.make_objective(model, cfg), tx)
   sampler = Sampler(ds.train, ds.observed, ds.n_users, ds.n_items)
   return cfg, ds, g, w, state, run_steps, sampler
 

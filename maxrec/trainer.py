@@ -1,0 +1,251 @@
+"""The host-side driver of one run: data pipeline, jitted steps, state, meta-learner.
+
+`Trainer(config, dataset)` builds everything a run trains with (sampler, graph, model,
+objective, state, compiled step, meta-learner, device mesh); `Trainer.epoch()` runs one
+epoch. Batches of epoch e are a function of (seed, e) only and are sampled on a host
+thread while the previous epoch runs, so prefetching, resuming and early stopping never
+change them.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+
+from maxrec import data as data_lib
+from maxrec import graph as graph_lib
+from maxrec import meta as meta_lib
+from maxrec import metrics, sharding, sparse
+from maxrec.config import Config
+from maxrec.models import make_model
+from maxrec.sampling import Sampler
+from maxrec.steps import (
+  init_state,
+  initial_aux_params,
+  make_objective,
+  make_run_steps,
+  run_steps_fn,
+  sparse_run_steps_fn,
+  uses_sparse_updates,
+)
+
+
+class Trainer:
+  """The host-side driver of one run: data pipeline, jitted steps, state, meta-learner.
+
+  Args:
+    cfg: the run's configuration.
+    ds: the data set (its R_meta must be carved when cfg.aux.weighting == "meta").
+  Attributes:
+    state: the current `TrainState` (replaced after every epoch).
+    meta: the `MetaRunner` with --weighting=meta, else None.
+  """
+
+  def __init__(self, cfg: Config, ds: data_lib.Dataset):
+    self.cfg, self.ds = cfg, ds
+    self.epochs_done = 0
+    self._prefetch = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    self._next = None  # (epoch index, future of its batches)
+    self.mesh = sharding.make_mesh(cfg.train.mesh_devices)
+    if self.mesh.size == 1:
+      self.mesh = None
+    else:
+      cfg = self.cfg = _sharded_config(cfg, self.mesh)
+    n_users, n_items = ds.n_users, ds.n_items
+    if self.mesh is not None:  # tables padded to a multiple of the device count
+      n_users, n_items = sharding.padded(n_users, self.mesh), sharding.padded(n_items, self.mesh)
+    self.sampler = Sampler(ds.train, ds.observed, ds.n_users, ds.n_items)
+    self.graph = graph_lib.build_graph(ds.train, n_users, n_items)
+    self.weights = graph_lib.edge_weights(self.graph)
+    self.model = make_model(cfg.model, n_users, n_items)
+    self.anchor_caps = None
+    self.anchor_caps = self._anchor_caps() if cfg.aux.tasks else None
+    self.anchor_overflows = 0
+    self.objective = make_objective(self.model, cfg, self.anchor_caps)
+    aux_params = initial_aux_params(cfg)
+    tx = optax.adam(cfg.train.learning_rate)
+    aux_tx = optax.adam(cfg.train.learning_rate) if cfg.aux.weighting == "uncertainty" else None
+    key = jax.random.key(cfg.train.seed)
+    true_size = make_model(cfg.model, ds.n_users, ds.n_items)  # the same initial values
+    self.state = init_state(true_size, tx, key, aux_params, aux_tx, pad_to=(n_users, n_items))
+    inject = cfg.train.inject_nan_at_step
+    if uses_sparse_updates(cfg):
+      self.state = self.state.replace(opt_state=sparse.lazy_adam_init(self.state.params))
+      fn = sparse_run_steps_fn(cfg.train.l2_reg, cfg.train.learning_rate, inject)
+    else:
+      fn = run_steps_fn(self.objective, tx, aux_tx, inject)
+    self._tables = {n_users, n_items, n_users + n_items}
+    self.state = self._place(self.state)
+    if self.mesh is not None:
+      self.graph = sharding.shard_tree(self.graph, self.mesh, set())
+      self.weights = sharding.put(self.weights, sharding.replicated(self.mesh))
+    self.run_steps = make_run_steps(self.objective, tx, fn=fn)
+    model, (nu, ni) = self.model, (ds.n_users, ds.n_items)
+    self._embed = jax.jit(
+      lambda p, g, w: tuple(x[:n] for x, n in zip(model.apply({"params": p}, g, w), (nu, ni)))
+    )
+    self.n_batches = self.sampler.num_batches(cfg.train.batch_size)
+    self.meta = None
+    if cfg.aux.weighting == "meta":
+      self.meta = meta_lib.MetaRunner(
+        self.objective, cfg, self.sampler, ds, aux_params, cfg.train.seed, self.n_batches,
+        place=self.place_batches,
+      )  # fmt: skip
+
+  def _anchor_caps(self) -> tuple[int, int]:
+    """Static sizes for the in-batch contrastive tasks: 25% above the most distinct users
+    and items in the first epoch's batches (and in a few hyper-batches), rounded up to 64.
+    In-batch InfoNCE costs the square of this, so padding to the batch size (2048) when
+    a batch holds ~800 distinct items would cost several times more."""
+    first = self._sample(0)
+    self._next = (0, self._prefetch.submit(lambda: first))
+    counts = [Sampler.max_unique(jax.device_get(first))]
+    if self.cfg.aux.weighting == "meta":
+      rng = np.random.default_rng([self.cfg.train.seed, 2])
+      hyper = self.cfg.meta.hyper_batch_size
+      counts += [Sampler.max_unique(self.sampler.sample(rng, hyper)) for _ in range(3)]
+    users, items = (max(c[k] for c in counts) for k in (0, 1))
+    up = lambda n: -(-int(1.25 * n) // 64) * 64  # noqa: E731
+    return up(users), up(items)
+
+  def _check_anchors(self, batches) -> None:
+    """Counts batches with more distinct users or items than the tasks hold (their
+    largest ids would not be anchors) and warns: it should essentially never happen."""
+    if self.anchor_caps is None:
+      return
+    users, items = Sampler.max_unique(batches)
+    if users > self.anchor_caps[0] or items > self.anchor_caps[1]:
+      self.anchor_overflows += 1
+      logging.warning(
+        "a batch has %d distinct users / %d items, above the contrastive tasks' %d / %d: "
+        "some anchors were left out of InfoNCE this epoch",
+        users,
+        items,
+        *self.anchor_caps,
+      )
+
+  def _sample(self, epoch: int):
+    """Epoch `epoch`'s batches: a function of (seed, epoch) only, so prefetching, resuming
+    and early stopping never change them."""
+    rng = np.random.default_rng([self.cfg.train.seed, 0, epoch])
+    batches = self.sampler.epoch(rng, self.cfg.train.batch_size)
+    self._check_anchors(batches)
+    return self.place_batches(batches)
+
+  def eval_set(self, heldout: np.ndarray, exclude: np.ndarray) -> metrics.EvalSet:
+    """The evaluation of `heldout` pairs; on a mesh, each block's users are split across
+    the devices (each scores its users against all items)."""
+    d = 1 if self.mesh is None else self.mesh.size
+    es = metrics.build_eval_set(
+      heldout, exclude, self.ds.n_users, self.cfg.train.eval_batch_size, multiple_of=d
+    )
+    if self.mesh is None:
+      return es
+    split = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(None, sharding.AXIS))
+    rep = sharding.replicated(self.mesh)
+    return es.replace(
+      **{k: sharding.put(getattr(es, k), split) for k in ("users", "valid", "n_relevant")},
+      **{
+        k: sharding.put(getattr(es, k), rep) for k in ("mask_row", "mask_col", "rel_row", "rel_col")
+      },
+    )
+
+  def place_batches(self, batches: dict) -> dict:
+    """Batches on the device(s): split along the batch axis when sharded."""
+    if self.mesh is None:
+      return jax.device_put(batches)
+    return sharding.shard_batches(batches, self.mesh)
+
+  def device_state(self) -> dict:
+    """The arrays a checkpoint holds: the train state and the meta state."""
+    return {"train": self.state, "meta": self.meta.state if self.meta is not None else {}}
+
+  def host_state(self) -> dict:
+    """The host-side counters a checkpoint holds (JSON)."""
+    out = {"epochs_done": self.epochs_done}
+    if self.meta is not None:
+      out["meta"] = self.meta.host_state()
+    return out
+
+  def _place(self, tree):
+    """Row-shards tables (and their optimizer state) on a mesh; a no-op on one device."""
+    if self.mesh is None:
+      return tree
+    return sharding.shard_tree(tree, self.mesh, self._tables)
+
+  def load(self, device: dict, host: dict) -> None:
+    """Restores what `device_state` and `host_state` returned."""
+    self.state = self._place(device["train"])
+    self.epochs_done = host["epochs_done"]
+    self._next = None
+    if self.meta is not None:
+      self.meta.state = self._place(device["meta"])
+      self.meta.load_host_state(host["meta"])
+
+  def embeddings(self, params=None):
+    """Final (users [U, d], items [I, d]) of `params` (default: the current ones)."""
+    params = self.state.params if params is None else params
+    return self._embed(params, self.graph, self.weights)
+
+  def epoch(self, on_meta_step=None) -> tuple[dict, dict]:
+    """Samples and runs one epoch, in segments cut at meta steps.
+
+    Args:
+      on_meta_step: called with each meta step's JSON record.
+    Returns:
+      (summed loss parts over the epoch's steps, {"epoch_s", "sample_s", "meta_s"}).
+    """
+    t0 = time.perf_counter()
+    e = self.epochs_done
+    if self._next is not None and self._next[0] == e:
+      batches = self._next[1].result()
+    else:
+      batches = self._sample(e)
+    t_sample = time.perf_counter() - t0
+    # Sample the next epoch on a host thread while this one runs (XLA releases the GIL).
+    self._next = (e + 1, self._prefetch.submit(self._sample, e + 1))
+    n = batches["user"].shape[0]
+    state, g, w = self.state, self.graph, self.weights
+    cuts = self.meta.cut_points(int(state.step), n) if self.meta is not None else []
+    sums, start, meta_s = None, 0, 0.0
+    for stop in [*cuts, n]:
+      if stop > start:
+        t1 = time.perf_counter()
+        state, part = self.run_steps(
+          state, g, w, batches, jnp.int32(start), jnp.int32(stop - start)
+        )
+        if self.meta is not None:
+          jax.block_until_ready(state.params)
+          self.meta.observe_inner(time.perf_counter() - t1, stop - start)
+        sums = part if sums is None else jax.tree.map(jnp.add, sums, part)
+      if stop in cuts:
+        t1 = time.perf_counter()
+        state, record = self.meta.step(state, g, w)
+        meta_s += time.perf_counter() - t1
+        if on_meta_step is not None:
+          on_meta_step(record)
+      start = stop
+    self.state = state
+    self.epochs_done += 1
+    jax.block_until_ready(sums)
+    return sums, {"epoch_s": time.perf_counter() - t0, "sample_s": t_sample, "meta_s": meta_s}
+
+
+def _sharded_config(cfg: Config, mesh) -> Config:
+  """The configuration under a mesh of D > 1 devices: batch sizes must split evenly, and
+  the graph product uses the `segment` kernel, which XLA can partition."""
+  d = mesh.size
+  for name in ("batch_size", "hyper_batch_size", "meta_batch_size"):
+    value = cfg.flat()[name]
+    if value % d:
+      raise ValueError(f"--{name}={value} must be a multiple of the {d} devices of the mesh.")
+  if cfg.model.propagation != "segment":
+    logging.info("sharded over %d devices: using --propagation=segment", d)
+    cfg = cfg.replace(propagation="segment")
+  return cfg
