@@ -3,17 +3,15 @@
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from helpers import start_cli
 
 from maxrec import checkpoint
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN = [
   "--weighting=meta",
   "--epochs=8",
@@ -50,15 +48,8 @@ def test_save_restore_round_trip_and_keep_last(tmp_path):
   )
 
 
-def train(*args, **kw):
-  return subprocess.Popen(
-    [sys.executable, "-m", "experiments.train", *RUN, *args],
-    cwd=ROOT,
-    stdout=subprocess.PIPE,
-    stderr=subprocess.PIPE,
-    text=True,
-    **kw,
-  )
+def train(*args):
+  return start_cli("experiments.train", *RUN, *args)
 
 
 def losses(workdir):

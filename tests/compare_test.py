@@ -2,10 +2,9 @@
 
 import csv
 import os
-import subprocess
-import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import run_cli
+
 TINY = [
   "--synth_users=80",
   "--synth_items=120",
@@ -19,13 +18,7 @@ TINY = [
 
 
 def run(out, *args):
-  return subprocess.run(
-    [sys.executable, "-m", "experiments.compare", f"--out={out}", *TINY, *args],
-    cwd=ROOT,
-    capture_output=True,
-    text=True,
-    timeout=900,
-  )
+  return run_cli("experiments.compare", f"--out={out}", *TINY, *args, timeout=900)
 
 
 def test_compare_writes_tables_and_resumes(tmp_path):

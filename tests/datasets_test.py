@@ -5,16 +5,13 @@ import http.server
 import io
 import os
 import socket
-import subprocess
-import sys
 import threading
 import zipfile
 
 import pytest
+from helpers import run_cli
 
 from maxrec import datasets
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture
@@ -125,19 +122,9 @@ def test_offline_is_a_clear_error(tmp_path):
 
 def test_cli_prints_the_data_path_or_one_error_line(server, tmp_path):
   base, www = server
-  r = subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "experiments.download",
-      "--dataset=ml-1m",
-      f"--cache_dir={tmp_path}",
-      f"--base_url={base}",
-    ],
-    cwd=ROOT,
-    capture_output=True,
-    text=True,
+  r = run_cli(
+    "experiments.download", "--dataset=ml-1m", f"--cache_dir={tmp_path}", f"--base_url={base}",
     timeout=120,
-  )
+  )  # fmt: skip
   assert r.returncode == 1 and "Traceback" not in r.stderr
   assert "HTTP 404" in r.stderr and "ml-1m.zip" in r.stderr

@@ -1,21 +1,12 @@
 """The command line as a user meets it: bad input exits non-zero with one clear line."""
 
 import json
-import os
-import subprocess
-import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import run_cli
 
 
-def run_train(*args, cwd=ROOT):
-  return subprocess.run(
-    [sys.executable, "-m", "experiments.train", *args],
-    cwd=cwd,
-    capture_output=True,
-    text=True,
-    timeout=600,
-  )
+def run_train(*args):
+  return run_cli("experiments.train", *args)
 
 
 def test_malformed_file_is_one_clear_line(tmp_path):

@@ -1,17 +1,13 @@
 """Saving, loading and recommending in raw ids, from Python and from the command line."""
 
 import csv
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
+from helpers import run_cli
 
 from maxrec import recommend, train
 from maxrec.config import Config
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -73,29 +69,11 @@ def test_unknown_user_is_a_clear_error(trained):
 def test_cli_writes_csv(trained, tmp_path):
   run, seen = trained
   out = tmp_path / "recs.csv"
-  r = subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "experiments.recommend",
-      f"--run={run}",
-      "--users=user-1",
-      "--k=3",
-      f"--out={out}",
-    ],
-    cwd=ROOT,
-    capture_output=True,
-    text=True,
-    timeout=300,
+  r = run_cli(
+    "experiments.recommend", f"--run={run}", "--users=user-1", "--k=3", f"--out={out}", timeout=300
   )
   assert r.returncode == 0, r.stderr[-2000:]
   rows = list(csv.DictReader(out.open()))
   assert [row["rank"] for row in rows] == ["1", "2", "3"] and rows[0]["user"] == "user-1"
-  r = subprocess.run(
-    [sys.executable, "-m", "experiments.recommend", f"--run={run}", "--users=ghost"],
-    cwd=ROOT,
-    capture_output=True,
-    text=True,
-    timeout=300,
-  )
+  r = run_cli("experiments.recommend", f"--run={run}", "--users=ghost", timeout=300)
   assert r.returncode == 1 and "Traceback" not in r.stderr and "user 'ghost'" in r.stderr

@@ -1,26 +1,15 @@
 """Usage errors before any work, disk space at start, and warnings about odd settings."""
 
-import os
-import subprocess
-import sys
-
 import pytest
+from helpers import run_cli
 
 from maxrec import train
 from maxrec.config import Config
 from maxrec.runfiles import RunFiles
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def cli(*args):
-  return subprocess.run(
-    [sys.executable, "-m", "experiments.train", *args],
-    cwd=ROOT,
-    capture_output=True,
-    text=True,
-    timeout=300,
-  )
+  return run_cli("experiments.train", *args, timeout=300)
 
 
 @pytest.mark.parametrize(
