@@ -214,7 +214,7 @@ class Trainer:
     state, g, w = self.state, self.graph, self.weights
     cuts = self.meta.cut_points(int(state.step), n) if self.meta is not None else []
     sums, start, meta_s = None, 0, 0.0
-    for stop in [*cuts, n]:
+    for stop in sorted(set(cuts) | {n}):  # a meta point may be the epoch's last step
       if stop > start:
         t1 = time.perf_counter()
         state, part = self.run_steps(

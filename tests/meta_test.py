@@ -249,3 +249,19 @@ def test_meta_run_end_to_end_logs_weights(tmp_path):
     "skipped",
   ):
     assert key in records[-1], key
+
+
+def test_a_meta_point_on_an_epochs_last_step_runs_once():
+  """Regression: with the meta point at the end of an epoch, the meta step ran twice."""
+  cfg = Config.from_flat(**TINY, weighting="meta", hyper_batch_size=64, meta_batch_size=64)
+  ds = data.load_dataset(cfg.data, seed=0, meta_ratio=cfg.meta_ratio)
+  from maxrec.trainer import Trainer
+
+  n = Trainer(cfg, ds).n_batches
+  cfg = cfg.replace(meta_every=n, warmup_epochs=1)  # meta points exactly at epoch ends
+  tr = Trainer(cfg, ds)
+  records = []
+  for _ in range(4):
+    tr.epoch(records.append)
+  assert [r["step"] for r in records] == [n, 2 * n, 3 * n, 4 * n][: len(records)]
+  assert len(records) == 4 and tr.meta.count == 4
