@@ -179,6 +179,7 @@ def main(argv):
   meta_ds = data.build_dataset(raw, base.data, seed=base.train.seed, meta_ratio=ratio)
   del raw
   logging.info("%s", data.describe(ds))
+  logging.info("fixed and meta epochs use this data with a meta split:\n%s", data.describe(meta_ds))
   r = {
     "machine": f"{platform.machine()}, {os.cpu_count()} CPU(s), {jax.devices()[0].device_kind}",
     "jax": jax.__version__,

@@ -78,8 +78,9 @@ def run_one(base, name, overrides, seed, out):
 
 
 def mean_std(values) -> str:
+  """'mean ± sample std' over seeds, or the single value with one seed."""
   v = np.asarray(values, float)
-  return f"{v.mean():.4f} ± {v.std(ddof=1) if len(v) > 1 else 0.0:.4f}"
+  return f"{v.mean():.4f} ± {v.std(ddof=1):.4f}" if len(v) > 1 else f"{v[0]:.4f} (1 seed)"
 
 
 def summarise(rows, families, select):

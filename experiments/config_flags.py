@@ -4,12 +4,17 @@ same default, help text from the field's metadata. Only `main` functions read th
 from __future__ import annotations
 
 import dataclasses
+import logging
 import types
 import typing
 
 from absl import flags
 
 from maxrec.config import Config
+
+# JAX probes for a TPU at start and logs the (expected) failure at INFO on every CPU/GPU
+# machine; keep that line out of the experiments' logs. Warnings still show.
+logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
 
 
 def _leaf_fields():

@@ -41,6 +41,7 @@ def plot_validation(runs: dict[str, str], path: str, metric: str = "recall@20") 
     recs = [r for r in read_jsonl(os.path.join(workdir, "metrics.jsonl")) if "valid" in r]
     ax.plot([r["epoch"] for r in recs], [r["valid"][metric] for r in recs], label=label)
   ax.set_xlabel("epoch")
+  ax.xaxis.get_major_locator().set_params(integer=True)
   ax.set_ylabel(f"validation {metric}")
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
@@ -58,18 +59,18 @@ def plot_weights(runs: dict[str, str], path: str) -> str:
     meta = read_jsonl(os.path.join(workdir, "meta.jsonl"))
     if meta and "weights" in meta[0]:
       for task in meta[0]["weights"]:
-        ax.plot(
-          [r["step"] for r in meta], [r["weights"][task] for r in meta], label=f"{label}: {task}"
-        )
+        marker = "." if len(meta) < 30 else None
+        steps, weights = [r["step"] for r in meta], [r["weights"][task] for r in meta]
+        ax.plot(steps, weights, marker=marker, label=f"{label}: {task}")
       continue
     recs = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
     tasks = [k[len("weight_") :] for k in (recs[0] if recs else {}) if k.startswith("weight_")]
-    steps = [r["epoch"] * 1.0 for r in recs]
+    steps = [r["step"] for r in recs]
     for task in tasks:
       ax.plot(
-        steps, [r[f"weight_{task}"] for r in recs], "--", label=f"{label}: {task} (per epoch)"
+        steps, [r[f"weight_{task}"] for r in recs], "--", label=f"{label}: {task} (epoch mean)"
       )
-  ax.set_xlabel("inner step (meta runs) / epoch (others)")
+  ax.set_xlabel("inner step")
   ax.set_ylabel("auxiliary weight")
   ax.set_yscale("log")
   ax.grid(alpha=0.3)

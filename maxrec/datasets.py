@@ -118,7 +118,7 @@ def default_cache_dir() -> str:
   return os.environ.get("MAXREC_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "maxrec"))
 
 
-def _fetch(url: str, timeout: float) -> bytes:
+def _fetch(url: str, timeout: float, member: str | None = None) -> bytes:
   try:
     with urllib.request.urlopen(url, timeout=timeout) as r:
       return r.read()
@@ -126,9 +126,10 @@ def _fetch(url: str, timeout: float) -> bytes:
     raise DownloadError(f"{url}: HTTP {e.code} {e.reason}.") from None
   except (urllib.error.URLError, OSError) as e:
     reason = getattr(e, "reason", e)
+    by_hand = f"extract {member} from it" if member else "save it"
     raise DownloadError(
-      f"cannot reach {url} ({reason}). Are you offline? Download the file by hand and pass "
-      "its path to --data_path, or retry with network access."
+      f"cannot reach {url} ({reason}). Are you offline? Download it by hand, {by_hand}, and "
+      "pass that file's path to --data_path; or retry with network access."
     ) from None
 
 
@@ -191,7 +192,7 @@ def download(
   fetched = {}
   for remote in pending:
     url = f"{base}/{remote.url}"
-    data = _fetch(url, timeout)
+    data = _fetch(url, timeout, remote.member)
     if remote.size is not None and len(data) != remote.size:
       raise DownloadError(f"{url}: got {len(data):,} bytes, expected {remote.size:,}; retry.")
     if remote.sha256 is not None and _sha256(data) != remote.sha256:

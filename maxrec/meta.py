@@ -155,6 +155,7 @@ class MetaLearner:
       failed = _failed_solve(hinfo, cfg)
     finite = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(hg)]))
     skip = failed | ~finite
+    info["solve_failed"], info["hypergrad_nonfinite"] = failed, ~finite
     safe_hg = jax.tree.map(lambda x: jnp.where(skip, 0.0, x), hg)
     updates, opt_state = self.tx.update(safe_hg, meta_state.opt_state, phi)
     new_phi = clip_phi(optax.apply_updates(phi, updates), cfg.w_max)
@@ -321,7 +322,17 @@ class MetaRunner:
       msg += f" | unrolled {r['num_steps']} steps"
     msg += f" | λ̂max {r['lambda_max']:.3g}"
     msg += f" | {r['meta_step_s']:.3f}s ({r['meta_over_inner']:.1f}x an inner step)"
-    return msg + (" | SKIPPED" if r["skipped"] else "")
+    if r["skipped"]:
+      if r.get("hypergrad_nonfinite"):
+        why = "non-finite hypergradient"
+      elif r.get("negative_curvature") and r.get("num_steps") == 0:
+        why = "negative curvature before the first CG step"
+      elif r.get("relative_residual", 0) > self.cfg.max_residual:
+        why = f"relative residual above --max_residual={self.cfg.max_residual:g}"
+      else:
+        why = "non-finite solve"
+      msg += f" | SKIPPED ({why})"
+    return msg
 
   def host_state(self) -> dict:
     """Counters that a checkpoint must carry (the batches of meta step k depend on k)."""

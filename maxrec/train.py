@@ -25,7 +25,7 @@ from absl import logging
 
 from maxrec import checkpoint, metrics, recommend, sharding
 from maxrec import data as data_lib
-from maxrec.config import Config
+from maxrec.config import Config, ModelConfig
 from maxrec.objective import aux_weights
 from maxrec.runfiles import RunFiles
 from maxrec.trainer import Trainer, _sharded_config
@@ -139,7 +139,11 @@ def train_and_evaluate(config: Config, workdir: str, resume: bool = False) -> di
   if resume:
     _check_resumable(files, cfg)
     if files.exists("final_metrics.json"):
-      logging.info("%s already finished; nothing to resume", workdir)
+      logging.warning(
+        "%s already finished (final_metrics.json exists): nothing to resume. A finished run "
+        "cannot be extended; start a new --workdir to train longer.",
+        workdir,
+      )
       return files.read_json("final_metrics.json")
   files.write_json("config.json", cfg.flat())
   ds = data_lib.load_dataset(cfg.data, seed=cfg.train.seed, meta_ratio=cfg.meta_ratio)
@@ -260,9 +264,25 @@ def train_and_evaluate(config: Config, workdir: str, resume: bool = False) -> di
   return final
 
 
+def _changed(group) -> list[str]:
+  """Fields of a config group that differ from their defaults."""
+  return [
+    f"--{f.name}={getattr(group, f.name)}"
+    for f in dataclasses.fields(group)
+    if getattr(group, f.name) != f.default
+  ]
+
+
 def config_warnings(cfg: Config, steps_per_epoch: int) -> list[str]:
   """Settings that are valid but probably not what was meant, once the data is known."""
   out = []
+  if cfg.aux.weighting != "meta" and _changed(cfg.meta):
+    out.append(f"{', '.join(_changed(cfg.meta))}: no effect without --weighting=meta.")
+  aux_changed = [c for c in _changed(cfg.aux) if not c.startswith("--weighting=")]
+  if cfg.aux.weighting == "none" and aux_changed:
+    out.append(f"{', '.join(aux_changed)}: no effect with --weighting=none (no auxiliary task).")
+  if cfg.model.model == "mf" and cfg.model.num_layers != ModelConfig.num_layers:
+    out.append(f"--num_layers={cfg.model.num_layers}: no effect with --model=mf.")
   if cfg.aux.weighting == "meta" and cfg.meta.meta_every > 2 * steps_per_epoch:
     out.append(
       f"--meta_every={cfg.meta.meta_every} is more than two epochs ({steps_per_epoch} steps "

@@ -5,8 +5,8 @@ import os
 import jax
 import pytest
 
-ML100K = os.path.join(
-  os.path.dirname(__file__), "..", "..", "shared", "datasets", "ml-100k", "u.data"
+ML100K = os.path.normpath(
+  os.path.join(os.path.dirname(__file__), "..", "..", "shared", "datasets", "ml-100k", "u.data")
 )
 
 

@@ -46,3 +46,10 @@ def test_warnings_for_odd_meta_settings():
   cfg = Config.from_flat(epochs=1)
   assert any("no meta step will run" in w for w in train.config_warnings(cfg, 36))
   assert train.config_warnings(Config.from_flat(), 36) == []
+  w = train.config_warnings(Config.from_flat(weighting="fixed", hypergrad="neumann"), 36)
+  assert w == ["--hypergrad=neumann: no effect without --weighting=meta."]
+  w = train.config_warnings(Config.from_flat(weighting="none", aux_tasks=("item_sgl",)), 36)
+  assert any("--aux_tasks=('item_sgl',): no effect with --weighting=none" in x for x in w)
+  assert train.config_warnings(Config.from_flat(num_layers=2), 36) == [
+    "--num_layers=2: no effect with --model=mf."
+  ]
