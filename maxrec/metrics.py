@@ -36,9 +36,11 @@ class EvalSet:
     valid: [n_blocks, block] bool.
     n_relevant: [n_blocks, block] |T_u| as float32.
     mask_row, mask_col: [n_blocks, m] (row in block, item) to exclude; padding row = block.
-    rel_row, rel_col: [n_blocks, r] (row in block, item) held out; padding row = block.
+    rel_start: [n_blocks, block] where each user's held-out items start in `rel_items`.
+    rel_items: [nnz] every evaluated user's held-out items, sorted within each user.
     n_users: number of evaluated users (static).
     n_excluded: users without held-out items, not evaluated (static).
+    search_steps: binary-search steps that cover the longest held-out list (static).
   """
 
   users: jax.Array
@@ -46,10 +48,11 @@ class EvalSet:
   n_relevant: jax.Array
   mask_row: jax.Array
   mask_col: jax.Array
-  rel_row: jax.Array
-  rel_col: jax.Array
+  rel_start: jax.Array
+  rel_items: jax.Array
   n_users: int = struct.field(pytree_node=False)
   n_excluded: int = struct.field(pytree_node=False)
+  search_steps: int = struct.field(pytree_node=False)
 
 
 def block_pairs(pairs: np.ndarray, n_users: int, users: np.ndarray, block: int):
@@ -114,7 +117,7 @@ def build_eval_set(
   pad_free = np.where(valid.reshape(n_blocks, block), users_b, n_users)
   ext = n_users + 1
   mask_row, mask_col = block_pairs(exclude, ext, pad_free, block)
-  rel_row, rel_col = block_pairs(heldout, ext, pad_free, block)
+  indptr, items = to_csr(heldout, n_users)  # items sorted within each user
   return EvalSet(
     users=jnp.asarray(users_b),
     valid=jnp.asarray(valid.reshape(n_blocks, block)),
@@ -123,10 +126,11 @@ def build_eval_set(
     ),
     mask_row=jnp.asarray(mask_row),
     mask_col=jnp.asarray(mask_col),
-    rel_row=jnp.asarray(rel_row),
-    rel_col=jnp.asarray(rel_col),
+    rel_start=jnp.asarray(indptr[padded].reshape(n_blocks, block), jnp.int32),
+    rel_items=jnp.asarray(items, jnp.int32),
     n_users=int(users.size),
     n_excluded=int(n_users - users.size),
+    search_steps=int(np.ceil(np.log2(counts.max() + 1))) + 1,
   )
 
 
@@ -153,23 +157,47 @@ def _topk_metrics(hits: jax.Array, n_rel: jax.Array, ks: tuple[int, ...]) -> jax
   return jnp.stack(out, 1)
 
 
+def _sorted_contains(items, start, length, queries, steps: int) -> jax.Array:
+  """Whether each query is in its row's sorted list `items[start:start+length]`.
+
+  A binary search with a fixed number of steps, vectorised over the [b, k] queries: no
+  dense [b, n_items] relevance matrix is built (that would be a second pass over as much
+  memory as the scores).
+
+  Args:
+    items: [nnz] concatenated sorted lists.
+    start, length: [b] each row's list.
+    queries: [b, k] item ids.
+    steps: ceil(log2(max length + 1)) + 1.
+  """
+  lo = jnp.broadcast_to(start[:, None], queries.shape)
+  hi = lo + length[:, None]
+  last = items.shape[0] - 1
+  for _ in range(steps):
+    mid = (lo + hi) // 2
+    right = (items[jnp.minimum(mid, last)] < queries) & (mid < hi)
+    lo, hi = jnp.where(right, mid + 1, lo), jnp.where(right, hi, mid)
+  inside = lo < (start + length)[:, None]
+  return inside & (items[jnp.minimum(lo, last)] == queries)
+
+
 @functools.partial(jax.jit, static_argnames=("ks",))
 def _evaluate(user_emb, item_emb, es: EvalSet, ks: tuple[int, ...]):
   n_items = item_emb.shape[0]
   kmax = min(max(ks), n_items)
-  block = es.users.shape[1]
 
   def one_block(carry, xs):
-    users, valid, n_rel, mr, mc, rr, rc = xs
+    users, valid, n_rel, mr, mc, start = xs
     scores = user_emb[users] @ item_emb.T
     scores = scores.at[mr, mc].set(-jnp.inf, mode="drop")
     top_scores, top_items = jax.lax.top_k(scores, kmax)
-    relevant = jnp.zeros((block, n_items), jnp.bool_).at[rr, rc].set(True, mode="drop")
-    hits = jnp.take_along_axis(relevant, top_items, 1) & (top_scores > -jnp.inf)
+    length = n_rel.astype(jnp.int32)
+    found = _sorted_contains(es.rel_items, start, length, top_items, es.search_steps)
+    hits = found & (top_scores > -jnp.inf)
     m = _topk_metrics(hits, n_rel, ks)
     return carry + jnp.sum(jnp.where(valid[:, None], m, 0.0), 0), None
 
-  xs = (es.users, es.valid, es.n_relevant, es.mask_row, es.mask_col, es.rel_row, es.rel_col)
+  xs = (es.users, es.valid, es.n_relevant, es.mask_row, es.mask_col, es.rel_start)
   init = jnp.zeros(len(ks) * len(METRICS), jnp.float32)
   total, _ = jax.lax.scan(one_block, init, xs)
   return total / es.n_users

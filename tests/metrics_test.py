@@ -126,3 +126,16 @@ def test_against_numpy_reference():
 def test_popularity_embeddings_score_by_count():
   u, i = metrics.popularity_embeddings(np.array([[0, 2], [1, 2], [1, 0]]), 2, 3)
   np.testing.assert_allclose(np.asarray(u @ i.T), [[1, 0, 2], [1, 0, 2]])
+
+
+def test_sorted_contains_against_numpy():
+  rng = np.random.default_rng(3)
+  lists = [np.sort(rng.choice(50, size=n, replace=False)) for n in (0, 1, 5, 17, 50)]
+  start = np.cumsum([0] + [len(x) for x in lists[:-1]])
+  items = jnp.asarray(np.concatenate(lists), jnp.int32)
+  queries = rng.integers(0, 50, size=(5, 30))
+  got = metrics._sorted_contains(
+    items, jnp.asarray(start), jnp.asarray([len(x) for x in lists]), jnp.asarray(queries), 7
+  )
+  want = np.stack([np.isin(q, lst) for q, lst in zip(queries, lists)])
+  np.testing.assert_array_equal(got, want)
