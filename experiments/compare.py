@@ -209,12 +209,24 @@ def main(argv):
   os.makedirs(fv.out, exist_ok=True)
   select = base.train.early_stop_metric
   report = list(dict.fromkeys([*fv.report, select]))
-  rows, t0 = [], time.perf_counter()
+  rows, failed, t0 = [], [], time.perf_counter()
   for method, runs in plan.items():
     for name, overrides in runs:
       for seed in seeds:
-        final, workdir = run_one(base, name, overrides, seed, fv.out)
+        try:
+          final, workdir = run_one(base, name, overrides, seed, fv.out)
+        except (ValueError, FloatingPointError) as e:  # one run's failure ends only that run
+          logging.error("%s seed %d failed: %s", name, seed, e)
+          failed.append(f"{name} seed {seed}: {e}")
+          continue
         rows.append(dict(method=method, run=name, seed=seed, workdir=workdir, **final))
+  if not rows:
+    print("error: every run failed:\n  " + "\n  ".join(failed), file=sys.stderr)
+    return 1
+  plan = {
+    m: [(n, o) for n, o in runs if any(r["run"] == n for r in rows)] for m, runs in plan.items()
+  }
+  plan = {m: runs for m, runs in plan.items() if runs}
   families = {m: [name for name, _ in runs] for m, runs in plan.items()}
   command = "python -m experiments.compare " + " ".join(sys.argv[1:])
   text, summary = write_tables(rows, families, report, select, fv.out, command)
@@ -222,6 +234,12 @@ def main(argv):
   for path in write_plots(summary, fv.out):
     print(f"plot: {path}")
   logging.info("compare finished in %.0f s", time.perf_counter() - t0)
+  if failed:
+    print(
+      "error: some runs failed (rerun the same command to retry them):\n  " + "\n  ".join(failed),
+      file=sys.stderr,
+    )
+    return 1
   return 0
 
 

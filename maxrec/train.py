@@ -60,7 +60,10 @@ def _check_resumable(files: RunFiles, cfg: Config) -> None:
     raise ValueError(f"--resume: {files.workdir} holds no run to resume (no config.json).")
   before = files.read_json("config.json")
   now = json.loads(json.dumps(cfg.flat()))  # tuples -> lists, as on disk
-  changed = sorted(k for k in now if k not in RESUMABLE_CHANGES and before.get(k) != now[k])
+  # A field the run's version did not have yet reads as that field's default.
+  defaults = json.loads(json.dumps(Config().flat()))
+  before = {k: before.get(k, defaults[k]) for k in now}
+  changed = sorted(k for k in now if k not in RESUMABLE_CHANGES and before[k] != now[k])
   if changed:
     details = ", ".join(f"--{k}={before.get(k)!r} -> {now[k]!r}" for k in changed)
     raise ValueError(f"--resume: the configuration differs from the run's own ({details}).")

@@ -96,3 +96,20 @@ def test_same_seed_same_metrics_and_fresh_workdir_needed(tmp_path):
   p = train(f"--workdir={tmp_path / 'a'}", "--epochs=3")
   _, err = p.communicate(timeout=300)
   assert p.returncode == 1 and "already holds a run; pass --resume" in err
+
+
+def test_resume_accepts_fields_added_since_the_run_started(tmp_path):
+  """A run's config.json from an older version lacks newer fields: they read as defaults."""
+  from maxrec import train
+  from maxrec.config import Config
+
+  cfg = Config.from_flat(
+    weighting="none", synth_users=60, synth_items=120, synth_interactions=900, epochs=2
+  )
+  train.train_and_evaluate(cfg.replace(epochs=1), str(tmp_path))
+  (tmp_path / "final_metrics.json").unlink()  # as if it had been interrupted
+  old = json.loads((tmp_path / "config.json").read_text())
+  del old["mesh_devices"]
+  (tmp_path / "config.json").write_text(json.dumps(old))
+  final = train.train_and_evaluate(cfg, str(tmp_path), resume=True)
+  assert final["epochs_run"] == 2
