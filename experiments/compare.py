@@ -7,8 +7,23 @@ Every (method, seed) run lives in OUT/runs/<method>/seed<k>/, and a run whose
 final_metrics.json exists is skipped, so an interrupted comparison resumes where it stopped.
 A method family with a grid (e.g. `lightgcn_fixed`: one run per weight in --fixed_grid)
 is reduced to the grid value with the best mean validation score, the selection the table
-reports. Outputs: OUT/results.csv (one row per run) and OUT/results.md (mean ± std).
-Any config flag (e.g. --epochs) applies to every run.
+reports; every grid value is listed below it. Outputs: OUT/results.csv (one row per run),
+OUT/results.md (mean ± std) and PNG plots. Any config flag (e.g. --epochs) applies to
+every run.
+
+Methods, for each backbone B in {mf, lightgcn}:
+  B                       the backbone alone
+  B_fixed                 fixed weights, one run per --fixed_grid value
+  B_uncertainty           uncertainty weighting (Kendall et al. 2018)
+  B_meta                  meta-learned weights, CG hypergradient (the paper's method)
+  B_meta_neumann, B_meta_unrolled, B_meta_first_order    other hypergradients
+  B_meta_user, B_meta_item                               one auxiliary task only
+Ablations of B_meta (METHOD.md §3.2):
+  B_meta_cg_iters         one run per --cg_iters_grid value (J)
+  B_meta_every            one run per --meta_every_grid value (N)
+  B_meta_split            one run per --meta_split_grid value (the meta split's share)
+  B_meta_replay           [A9] retrain on R_in ∪ R_meta replaying B_meta's logged weights
+                          (B_meta of the same seed must be in --methods, before it)
 """
 
 from __future__ import annotations
@@ -29,6 +44,9 @@ flags.DEFINE_list("methods", ["mf", "lightgcn", "lightgcn_fixed"], "Methods to c
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (each sets --seed).")
 flags.DEFINE_string("out", "results/compare", "Output folder (resumable).")
 flags.DEFINE_list("fixed_grid", ["0.001", "0.01", "0.1"], "Weights tried by *_fixed methods.")
+flags.DEFINE_list("cg_iters_grid", ["1", "3", "5", "10", "20"], "J of *_meta_cg_iters.")
+flags.DEFINE_list("meta_every_grid", ["10", "50", "200"], "N of *_meta_every.")
+flags.DEFINE_list("meta_split_grid", ["0.05", "0.1", "0.2"], "--meta_ratio of *_meta_split.")
 flags.DEFINE_list("report", ["recall@20", "ndcg@20"], "Metrics in the table.")
 
 
@@ -44,28 +62,58 @@ def _methods() -> dict[str, dict]:
       out[f"{b}_meta_{h}"] = dict(model=b, weighting="meta", hypergrad=h)
     out[f"{b}_meta_user"] = dict(model=b, weighting="meta", aux_tasks=("user_sgl",))
     out[f"{b}_meta_item"] = dict(model=b, weighting="meta", aux_tasks=("item_sgl",))
+    out[f"{b}_meta_cg_iters"] = dict(model=b, weighting="meta", grid="cg_iters")
+    out[f"{b}_meta_every"] = dict(model=b, weighting="meta", grid="meta_every")
+    out[f"{b}_meta_split"] = dict(model=b, weighting="meta", grid="meta_ratio")
+    out[f"{b}_meta_replay"] = dict(model=b, weighting="replay", replay_of=f"{b}_meta")
   return out
+
+
+# The flag holding each grid's values, and how a value is parsed.
+GRIDS = {
+  "aux_weights": ("fixed_grid", lambda v: (float(v),)),
+  "cg_iters": ("cg_iters_grid", int),
+  "meta_every": ("meta_every_grid", int),
+  "meta_ratio": ("meta_split_grid", float),
+}
 
 
 METHODS = _methods()
 BASELINE_WEIGHTINGS = ("none", "fixed", "uncertainty")
 
 
-def expand(method: str, grid: list[str]) -> list[tuple[str, dict]]:
-  """(run name, overrides) of a method; grid families give one run per value."""
+def expand(method: str, grids: dict[str, list[str]]) -> list[tuple[str, dict]]:
+  """(run name, overrides) of a method; grid families give one run per value.
+
+  Args:
+    grids: values of each grid flag (e.g. {"fixed_grid": ["0.01", "0.1"]}).
+  """
   if method not in METHODS:
     raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}.")
   spec = dict(METHODS[method])
   field = spec.pop("grid", None)
   if field is None:
     return [(method, spec)]
-  return [(f"{method}@{v}", {**spec, field: (float(v),)}) for v in grid]
+  flag, parse = GRIDS[field]
+  try:
+    return [(f"{method}@{v}", {**spec, field: parse(v)}) for v in grids[flag]]
+  except ValueError:
+    raise ValueError(f"--{flag}={','.join(grids[flag])}: every value must be a number.") from None
 
 
 def run_one(base, name, overrides, seed, out):
   from maxrec.train import train_and_evaluate
 
   workdir = os.path.join(out, "runs", name, f"seed{seed}")
+  overrides = dict(overrides)
+  source = overrides.pop("replay_of", None)
+  if source is not None:  # [A9]: replay the meta run of the same seed
+    overrides["replay_from"] = os.path.join(out, "runs", source, f"seed{seed}")
+    if not os.path.exists(os.path.join(overrides["replay_from"], "final_metrics.json")):
+      raise ValueError(
+        f"{name} replays {source} seed {seed}, which has not finished: list {source} "
+        f"before {name} in --methods."
+      )
   done = os.path.join(workdir, "final_metrics.json")
   if os.path.exists(done):
     logging.info("skip %s seed %d (done)", name, seed)
@@ -201,7 +249,8 @@ def main(argv):
   fv = flags.FLAGS
   try:
     base = config_from_flags()
-    plan = {m: expand(m, fv.fixed_grid) for m in fv.methods}
+    grids = {flag: fv[flag].value for flag, _ in GRIDS.values()}
+    plan = {m: expand(m, grids) for m in fv.methods}
     seeds = [int(s) for s in fv.seeds]
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)

@@ -16,7 +16,7 @@ DATA_FORMATS = ("auto", "movielens", "lightgcn", "recbole", "csv")
 SPLITS = ("auto", "random", "temporal", "loo", "presplit")
 MODELS = ("mf", "lightgcn")
 PROPAGATIONS = ("bcsr", "segment")
-WEIGHTINGS = ("none", "fixed", "uncertainty", "meta")
+WEIGHTINGS = ("none", "fixed", "uncertainty", "meta", "replay")
 HYPERGRADS = ("cg", "neumann", "unrolled", "first_order")
 METRIC_NAMES = ("recall", "ndcg", "precision", "hit", "mrr")
 
@@ -218,7 +218,9 @@ class AuxConfig:
   weighting: str = _f(
     "meta",
     "How auxiliary tasks are weighted: none (backbone alone), fixed (--aux_weights), "
-    "uncertainty (learned log-variances, Kendall et al. 2018) or meta (hypergradient).",
+    "uncertainty (learned log-variances, Kendall et al. 2018), meta (hypergradient) or "
+    "replay (the weight trajectory of the --weighting=meta run in --replay_from, on all "
+    "training data [A9]).",
     WEIGHTINGS,
   )
   aux_tasks: tuple[str, ...] = _f(
@@ -234,6 +236,11 @@ class AuxConfig:
     None, "Propagation layers of the views. Empty: L for LightGCN, 1 for MF [A2]."
   )
   simgcl_eps: float = _f(0.1, "SimGCL noise magnitude ε.")
+  replay_from: str = _f(
+    "",
+    "[A9] With --weighting=replay: the work directory of a finished --weighting=meta run "
+    "whose logged weights (meta.jsonl) are replayed epoch by epoch.",
+  )
 
   def __post_init__(self):
     from maxrec import auxiliary  # the registry (importing it registers the built-ins)
@@ -259,6 +266,10 @@ class AuxConfig:
     _check(0 <= self.edge_drop < 1, f"--edge_drop={self.edge_drop} must be in [0, 1).")
     _check(self.view_layers is None or self.view_layers >= 0, "--view_layers must be >= 0.")
     _check(self.simgcl_eps >= 0, f"--simgcl_eps={self.simgcl_eps} must be >= 0.")
+    _check(
+      self.weighting != "replay" or bool(self.replay_from),
+      "--weighting=replay needs --replay_from=<work directory of a --weighting=meta run>.",
+    )
 
   @property
   def tasks(self) -> tuple[str, ...]:

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from maxrec import checkpoint, metrics, recommend, sharding
+from maxrec import checkpoint, metrics, recommend, replay, sharding
 from maxrec import data as data_lib
 from maxrec.config import Config, ModelConfig
 from maxrec.objective import aux_weights
@@ -286,6 +286,13 @@ def config_warnings(cfg: Config, steps_per_epoch: int) -> list[str]:
     out.append(f"{', '.join(aux_changed)}: no effect with --weighting=none (no auxiliary task).")
   if cfg.model.model == "mf" and cfg.model.num_layers != ModelConfig.num_layers:
     out.append(f"--num_layers={cfg.model.num_layers}: no effect with --model=mf.")
+  if cfg.aux.replay_from and cfg.aux.weighting not in ("replay", "none"):
+    out.append(f"--replay_from={cfg.aux.replay_from}: no effect without --weighting=replay.")
+  if cfg.aux.weighting == "replay":
+    out += [
+      f"{m}: the replay should train on the meta run's split and seed."
+      for m in replay.split_mismatches(cfg.aux.replay_from, cfg.flat())
+    ]
   if cfg.aux.weighting == "meta" and cfg.meta.meta_every > 2 * steps_per_epoch:
     out.append(
       f"--meta_every={cfg.meta.meta_every} is more than two epochs ({steps_per_epoch} steps "

@@ -21,9 +21,10 @@ from absl import logging
 from maxrec import data as data_lib
 from maxrec import graph as graph_lib
 from maxrec import meta as meta_lib
-from maxrec import metrics, sharding, sparse
+from maxrec import metrics, replay, sharding, sparse
 from maxrec.config import Config
 from maxrec.models import make_model
+from maxrec.objective import softplus_inverse
 from maxrec.sampling import Sampler
 from maxrec.steps import (
   init_state,
@@ -45,6 +46,7 @@ class Trainer:
   Attributes:
     state: the current `TrainState` (replaced after every epoch).
     meta: the `MetaRunner` with --weighting=meta, else None.
+    replay: the replayed `replay.Trajectory` with --weighting=replay [A9], else None.
   """
 
   def __init__(self, cfg: Config, ds: data_lib.Dataset):
@@ -68,6 +70,9 @@ class Trainer:
     self.anchor_caps = self._anchor_caps() if cfg.aux.tasks else None
     self.anchor_overflows = 0
     self.objective = make_objective(self.model, cfg, self.anchor_caps)
+    self.replay = None
+    if cfg.aux.weighting == "replay":
+      self.replay = replay.load_trajectory(cfg.aux.replay_from, self.objective.task_names)
     aux_params = initial_aux_params(cfg)
     tx = optax.adam(cfg.train.learning_rate)
     aux_tx = optax.adam(cfg.train.learning_rate) if cfg.aux.weighting == "uncertainty" else None
@@ -213,6 +218,9 @@ class Trainer:
     self._next = (e + 1, self._prefetch.submit(self._sample, e + 1))
     n = batches["user"].shape[0]
     state, g, w = self.state, self.graph, self.weights
+    if self.replay is not None:  # [A9]: φ frozen at the trajectory's value for this epoch
+      phi = softplus_inverse(self.replay.at_epoch(e + 1)).astype(state.aux_params.dtype)
+      state = state.replace(aux_params=jax.device_put(phi, state.aux_params.sharding))
     cuts = self.meta.cut_points(int(state.step), n) if self.meta is not None else []
     sums, start, meta_s = None, 0, 0.0
     for stop in sorted(set(cuts) | {n}):  # a meta point may be the epoch's last step

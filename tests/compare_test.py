@@ -1,6 +1,7 @@
 """The comparison script: tables, CSV and resumption, on a tiny configuration."""
 
 import csv
+import json
 import os
 
 from helpers import run_cli
@@ -40,3 +41,43 @@ def test_compare_writes_tables_and_resumes(tmp_path):
 def test_unknown_method_is_a_usage_error(tmp_path):
   r = run(tmp_path, "--methods=svd")
   assert r.returncode == 2 and "unknown method 'svd'" in r.stderr
+
+
+def test_ablation_grids_and_replay(tmp_path):
+  """The meta ablations expand into one run per grid value, and the [A9] replay trains on
+  R_in ∪ R_meta of the same split with the meta run's logged weights."""
+  out = tmp_path / "cmp"
+  r = run(
+    out,
+    "--methods=mf_meta,mf_meta_replay,mf_meta_cg_iters,mf_meta_split",
+    "--cg_iters_grid=1,3",
+    "--meta_split_grid=0.2",
+    "--seeds=0",
+  )
+  assert r.returncode == 0, r.stderr[-3000:]
+  with open(out / "results.csv") as f:
+    runs = {row["run"] for row in csv.DictReader(f)}
+  assert runs == {
+    "mf_meta",
+    "mf_meta_replay",
+    "mf_meta_cg_iters@1",
+    "mf_meta_cg_iters@3",
+    "mf_meta_split@0.2",
+  }
+  runs_dir = out / "runs"
+  cfg = json.loads((runs_dir / "mf_meta_cg_iters@3" / "seed0" / "config.json").read_text())
+  assert cfg["cg_iters"] == 3
+  summary = {
+    m: json.loads((runs_dir / m / "seed0" / "data_summary.json").read_text())
+    for m in ("mf_meta", "mf_meta_replay", "mf_meta_split@0.2")
+  }
+  meta, replayed = summary["mf_meta"], summary["mf_meta_replay"]
+  assert meta["n_meta"] > 0 and replayed["n_meta"] == 0
+  assert replayed["n_train"] == meta["n_train"] + meta["n_meta"]
+  assert replayed["n_valid"] == meta["n_valid"] and replayed["n_test"] == meta["n_test"]
+  assert summary["mf_meta_split@0.2"]["n_meta"] > meta["n_meta"]
+
+
+def test_replay_needs_its_meta_run(tmp_path):
+  r = run(tmp_path, "--methods=mf_meta_replay", "--seeds=0")
+  assert r.returncode == 1 and "list mf_meta before mf_meta_replay" in r.stderr
