@@ -4,9 +4,10 @@
 
 The evaluation's cost beyond the score matmul is the top K. This measures, over all users
 in blocks (one `lax.scan`, as `maxrec.metrics` does), the bare matmul and four ways of
-taking the top K of each block's scores: `lax.top_k` (what MAXRec uses), `lax.approx_max_k`,
-`lax.top_k` on row splits of the block, and an exact two-level top-k (per-chunk maxima, the
-K best chunks, then `top_k` over their members). Medians of 3 runs after compilation.
+taking the top K of each block's scores: `lax.top_k`, `lax.approx_max_k`, `lax.top_k` on
+row splits of the block, and the exact two-level top-k that MAXRec uses on CPU
+(`maxrec.metrics.two_level_top_k`: per-chunk maxima, the K best chunks, then `top_k` over
+their members). Medians of 3 runs after compilation.
 """
 
 from __future__ import annotations
@@ -18,32 +19,14 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from maxrec.metrics import two_level_top_k
+
 flags.DEFINE_integer("users", 29858, "Users.")
 flags.DEFINE_integer("items", 40981, "Items.")
 flags.DEFINE_integer("dim", 64, "Embedding dimension.")
 flags.DEFINE_integer("block", 1024, "Users per block.")
 flags.DEFINE_integer("k", 50, "K.")
 flags.DEFINE_integer("chunk", 32, "Chunk size of the two-level top-k.")
-
-
-def two_level_top_k(scores: jax.Array, k: int, chunk: int) -> tuple[jax.Array, jax.Array]:
-  """Exact top-k values and ids of `scores` [b, n] by way of the k best chunks.
-
-  Any element outside the k chunks with the largest maxima is at most the k-th largest
-  chunk maximum, so it cannot beat k elements. Chunks are gathered in id order, so ties
-  break towards the lower id, as `lax.top_k` does.
-  """
-  b, n = scores.shape
-  m = -(-n // chunk) * chunk
-  if m // chunk < k:  # fewer chunks than k: nothing to gain
-    return jax.lax.top_k(scores, k)
-  s3 = jnp.pad(scores, ((0, 0), (0, m - n)), constant_values=-jnp.inf).reshape(b, -1, chunk)
-  _, best = jax.lax.top_k(s3.max(-1), k)
-  best = jnp.sort(best, axis=1)
-  cand = jnp.take_along_axis(s3, best[:, :, None], axis=1).reshape(b, k * chunk)
-  values, pos = jax.lax.top_k(cand, k)
-  ids = jnp.take_along_axis(best, pos // chunk, axis=1) * chunk + pos % chunk
-  return values, ids
 
 
 def main(argv):

@@ -157,6 +157,28 @@ def _topk_metrics(hits: jax.Array, n_rel: jax.Array, ks: tuple[int, ...]) -> jax
   return jnp.stack(out, 1)
 
 
+def two_level_top_k(scores: jax.Array, k: int, chunk: int = 32) -> tuple[jax.Array, jax.Array]:
+  """Exact top-k values and ids of `scores` [b, n] by way of the k best chunks.
+
+  Any element outside the k chunks with the largest maxima is at most the k-th largest
+  chunk maximum, so it cannot beat k elements. Chunks are gathered in id order, so ties
+  break towards the lower id, as `lax.top_k` does: the result equals `lax.top_k`'s,
+  ties included. On CPU at Gowalla size it takes 0.77x the time of `lax.top_k`
+  (`python -m experiments.topk_bench`), since XLA's CPU `top_k` over 41k columns is slow.
+  """
+  b, n = scores.shape
+  m = -(-n // chunk) * chunk
+  if m // chunk < k:  # fewer chunks than k: nothing to gain
+    return jax.lax.top_k(scores, k)
+  s3 = jnp.pad(scores, ((0, 0), (0, m - n)), constant_values=-jnp.inf).reshape(b, -1, chunk)
+  _, best = jax.lax.top_k(s3.max(-1), k)
+  best = jnp.sort(best, axis=1)
+  cand = jnp.take_along_axis(s3, best[:, :, None], axis=1).reshape(b, k * chunk)
+  values, pos = jax.lax.top_k(cand, k)
+  ids = jnp.take_along_axis(best, pos // chunk, axis=1) * chunk + pos % chunk
+  return values, ids
+
+
 def _sorted_contains(items, start, length, queries, steps: int) -> jax.Array:
   """Whether each query is in its row's sorted list `items[start:start+length]`.
 
@@ -190,7 +212,10 @@ def _evaluate(user_emb, item_emb, es: EvalSet, ks: tuple[int, ...]):
     users, valid, n_rel, mr, mc, start = xs
     scores = user_emb[users] @ item_emb.T
     scores = scores.at[mr, mc].set(-jnp.inf, mode="drop")
-    top_scores, top_items = jax.lax.top_k(scores, kmax)
+    if jax.default_backend() == "cpu":  # XLA's CPU top_k is slow over many columns
+      top_scores, top_items = two_level_top_k(scores, kmax)
+    else:
+      top_scores, top_items = jax.lax.top_k(scores, kmax)
     length = n_rel.astype(jnp.int32)
     found = _sorted_contains(es.rel_items, start, length, top_items, es.search_steps)
     hits = found & (top_scores > -jnp.inf)

@@ -42,22 +42,6 @@ def test_train_cli_end_to_end(tmp_path):
   assert set(final["aux_weights"]) == {"user_sgl", "item_sgl"} and final["meta"]["meta_steps"] >= 1
 
 
-def test_two_level_top_k_equals_lax_top_k_with_ties():
-  import jax
-  import jax.numpy as jnp
-  import numpy as np
-
-  from experiments.topk_bench import two_level_top_k
-
-  rng = np.random.default_rng(0)
-  s = jnp.asarray(rng.integers(0, 5, size=(64, 301)), jnp.float32)  # ties everywhere
-  s = s.at[:, ::3].set(-jnp.inf)
-  for chunk in (4, 7, 16):
-    want, got = jax.lax.top_k(s, 20), two_level_top_k(s, 20, chunk)
-    np.testing.assert_array_equal(want[0], got[0])
-    np.testing.assert_array_equal(want[1], got[1])
-
-
 def test_topk_bench_runs():
   r = run_cli(
     "experiments.topk_bench", "--users=256", "--items=500", "--block=64", "--k=10", "--chunk=8"

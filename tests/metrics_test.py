@@ -92,9 +92,10 @@ def test_blocking_does_not_change_results():
     assert a[k] == pytest.approx(b[k], abs=1e-6)
 
 
-def test_against_numpy_reference():
+@pytest.mark.parametrize("n_items, k", [(40, 10), (3000, 50)])  # 3000: the two-level top-k
+def test_against_numpy_reference(n_items, k):
   rng = np.random.default_rng(1)
-  n_users, n_items, k = 20, 40, 10
+  n_users = 20
   u_emb = rng.normal(size=(n_users, 4)).astype(np.float32)
   i_emb = rng.normal(size=(n_items, 4)).astype(np.float32)
   train = [(u, i) for u in range(n_users) for i in rng.choice(n_items, 5, replace=False)]
@@ -139,3 +140,19 @@ def test_sorted_contains_against_numpy():
   )
   want = np.stack([np.isin(q, lst) for q, lst in zip(queries, lists)])
   np.testing.assert_array_equal(got, want)
+
+
+def test_two_level_top_k_equals_lax_top_k_with_ties():
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from maxrec.metrics import two_level_top_k
+
+  rng = np.random.default_rng(0)
+  s = jnp.asarray(rng.integers(0, 5, size=(64, 301)), jnp.float32)  # ties everywhere
+  s = s.at[:, ::3].set(-jnp.inf)
+  for chunk in (4, 7, 16):
+    want, got = jax.lax.top_k(s, 20), two_level_top_k(s, 20, chunk)
+    np.testing.assert_array_equal(want[0], got[0])
+    np.testing.assert_array_equal(want[1], got[1])
