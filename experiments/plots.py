@@ -33,49 +33,70 @@ def read_jsonl(path: str) -> list[dict]:
     return [json.loads(line) for line in f if line.strip()]
 
 
+def _colors(n: int) -> list:
+  """One distinct colour per run (tab10, then tab20 for more than 10 runs)."""
+  import matplotlib
+
+  cmap = matplotlib.colormaps["tab10" if n <= 10 else "tab20"]
+  return [cmap(i % cmap.N) for i in range(n)]
+
+
+def _legend_outside(ax, fig) -> None:
+  ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+  fig.tight_layout()
+
+
 def plot_validation(runs: dict[str, str], path: str, metric: str = "recall@20") -> str:
   """Validation `metric` per epoch of each run; returns the PNG path."""
   plt = _pyplot()
-  fig, ax = plt.subplots(figsize=(6.4, 4.0))
-  for label, workdir in runs.items():
+  fig, ax = plt.subplots(figsize=(8.4, 4.2))
+  for color, (label, workdir) in zip(_colors(len(runs)), runs.items()):
     recs = [r for r in read_jsonl(os.path.join(workdir, "metrics.jsonl")) if "valid" in r]
-    ax.plot([r["epoch"] for r in recs], [r["valid"][metric] for r in recs], label=label)
+    ax.plot(
+      [r["epoch"] for r in recs], [r["valid"][metric] for r in recs], label=label, color=color
+    )
   ax.set_xlabel("epoch")
   ax.xaxis.get_major_locator().set_params(integer=True)
   ax.set_ylabel(f"validation {metric}")
   ax.grid(alpha=0.3)
-  ax.legend(fontsize=8)
-  fig.tight_layout()
+  _legend_outside(ax, fig)
   fig.savefig(path, dpi=120)
   plt.close(fig)
   return path
 
 
 def plot_weights(runs: dict[str, str], path: str) -> str:
-  """Auxiliary weights against the inner step: meta steps (meta.jsonl), else per epoch."""
+  """Auxiliary weights against the inner step, one colour per run and one line style per
+  task: meta steps (meta.jsonl) as lines, else per-epoch means (metrics.jsonl) dotted."""
   plt = _pyplot()
-  fig, ax = plt.subplots(figsize=(6.4, 4.0))
-  for label, workdir in runs.items():
+  fig, ax = plt.subplots(figsize=(8.4, 4.2))
+  styles = ("-", "--", "-.", ":")
+  for color, (label, workdir) in zip(_colors(len(runs)), runs.items()):
     meta = read_jsonl(os.path.join(workdir, "meta.jsonl"))
     if meta and "weights" in meta[0]:
-      for task in meta[0]["weights"]:
+      for k, task in enumerate(meta[0]["weights"]):
         marker = "." if len(meta) < 30 else None
         steps, weights = [r["step"] for r in meta], [r["weights"][task] for r in meta]
-        ax.plot(steps, weights, marker=marker, label=f"{label}: {task}")
+        ax.plot(steps, weights, styles[k % 4], marker=marker, color=color, label=f"{label}: {task}")
       continue
     recs = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
     tasks = [k[len("weight_") :] for k in (recs[0] if recs else {}) if k.startswith("weight_")]
     steps = [r["step"] for r in recs]
-    for task in tasks:
+    for k, task in enumerate(tasks):
       ax.plot(
-        steps, [r[f"weight_{task}"] for r in recs], "--", label=f"{label}: {task} (epoch mean)"
+        steps,
+        [r[f"weight_{task}"] for r in recs],
+        styles[k % 4],
+        color=color,
+        alpha=0.6,
+        linewidth=2.5,
+        label=f"{label}: {task} (epoch mean)",
       )
   ax.set_xlabel("inner step")
   ax.set_ylabel("auxiliary weight")
   ax.set_yscale("log")
   ax.grid(alpha=0.3)
-  ax.legend(fontsize=7)
-  fig.tight_layout()
+  _legend_outside(ax, fig)
   fig.savefig(path, dpi=120)
   plt.close(fig)
   return path
