@@ -28,3 +28,16 @@ def start_cli(module: str, *args: str) -> subprocess.Popen:
     stderr=subprocess.PIPE,
     text=True,
   )
+
+
+def run_script(script, *args: str, env: dict, timeout: float = 600) -> subprocess.CompletedProcess:
+  """Runs `python <script> <args>` in the script's folder with `env` added to the
+  environment and the repository on PYTHONPATH, capturing its output."""
+  return subprocess.run(
+    [sys.executable, str(script), *args],
+    cwd=os.path.dirname(str(script)),
+    env={**os.environ, **env, "PYTHONPATH": ROOT},
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )

@@ -2,12 +2,10 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
+from helpers import ROOT, run_script
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(ROOT, "experiments", "differentiable_ablation.ipynb")
 
 
@@ -19,15 +17,7 @@ def test_notebook_executes(tmp_path):
   assert len(cells) >= 4
   script = tmp_path / "notebook.py"
   script.write_text("\n\n".join(cells))
-  env = {**os.environ, "MAXREC_NOTEBOOK_TINY": "1", "MPLBACKEND": "Agg", "PYTHONPATH": ROOT}
-  r = subprocess.run(
-    [sys.executable, str(script)],
-    cwd=tmp_path,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=900,
-  )
+  r = run_script(script, env={"MAXREC_NOTEBOOK_TINY": "1", "MPLBACKEND": "Agg"}, timeout=900)
   assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
   assert "predicted Δ if removed" in r.stdout and "measured Δ L_meta" in r.stdout
   assert (tmp_path / "differentiable_ablation.png").exists()

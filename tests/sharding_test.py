@@ -5,12 +5,9 @@ JAX reads XLA_FLAGS once, at start, so the check runs in a child process with
 of 1 in the same process.
 """
 
-import os
-import subprocess
-import sys
 import textwrap
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import run_script
 
 CHILD = textwrap.dedent(
   """
@@ -81,17 +78,10 @@ CHILD = textwrap.dedent(
 def test_eight_device_mesh_equals_single_device(tmp_path):
   script = tmp_path / "child.py"
   script.write_text(CHILD)
-  env = {
-    **os.environ,
-    "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-    "PYTHONPATH": ROOT,
-  }
-  r = subprocess.run(
-    [sys.executable, str(script), str(tmp_path)],
-    cwd=tmp_path,
-    env=env,
-    capture_output=True,
-    text=True,
+  r = run_script(
+    script,
+    str(tmp_path),
+    env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
     timeout=1200,
   )
   assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
