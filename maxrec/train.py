@@ -138,6 +138,8 @@ def train_and_evaluate(config: Config, workdir: str, resume: bool = False) -> di
   mesh = sharding.make_mesh(cfg.train.mesh_devices)  # flags first: no work on a bad mesh
   if mesh.size > 1:
     _sharded_config(cfg, mesh)
+  if cfg.aux.weighting == "replay":  # a bad source fails before any data is read
+    replay.load_trajectory(cfg.aux.replay_from, cfg.aux.tasks)
   files = RunFiles(workdir, resume=resume)
   if resume:
     _check_resumable(files, cfg)

@@ -82,3 +82,10 @@ def test_replay_run_follows_the_meta_runs_weights(tmp_path):
 def test_replay_needs_a_source():
   with pytest.raises(ValueError, match="--weighting=replay needs --replay_from"):
     Config.from_flat(weighting="replay")
+
+
+def test_bad_source_fails_before_the_work_directory_is_made(tmp_path):
+  cfg = Config.from_flat(weighting="replay", replay_from=str(tmp_path / "nowhere"))
+  with pytest.raises(ValueError, match="config.json does not exist"):
+    train.train_and_evaluate(cfg, str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()
