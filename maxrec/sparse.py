@@ -16,6 +16,13 @@ exactly dense Adam's update; a row that it does not touch keeps θ, m and v unch
 whereas dense Adam would decay its moments and still move it along its old momentum. Rows
 touched at every step (for example when the batch covers every row) therefore follow dense
 Adam exactly. This is TensorFlow's LazyAdam.
+
+A step reads and writes each touched row of the [U + I, 3d] slab of (θ, m, v) once: on a
+CPU the step is bound by these random row accesses, not by arithmetic. Repeated rows are
+summed without a sort: every occurrence writes its position into an int32 scratch table
+indexed by row id, so all occurrences of a row read back the same position (whichever
+write won), which then sums their gradients in a small [k, d] buffer and alone writes the
+row (`representatives`).
 """
 
 from __future__ import annotations
@@ -32,8 +39,7 @@ class LazyAdamState(NamedTuple):
   """Lazy Adam state of the node table (users first, then items).
 
   Attributes:
-    slots: [U + I, 3d]: the first moment, the second moment and a zeroed gradient
-      accumulator (used to sum the gradients of rows a batch repeats) of every row.
+    slots: [U + I, 2d]: the first and the second moment of every row.
     count: the step number t.
   """
 
@@ -44,35 +50,54 @@ class LazyAdamState(NamedTuple):
 def lazy_adam_init(params: dict) -> LazyAdamState:
   n = params["user"].shape[0] + params["item"].shape[0]
   d = params["user"].shape[1]
-  return LazyAdamState(jnp.zeros((n, 3 * d), params["user"].dtype), jnp.zeros((), jnp.int32))
+  return LazyAdamState(jnp.zeros((n, 2 * d), params["user"].dtype), jnp.zeros((), jnp.int32))
 
 
-def lazy_adam_rows(slab, ids, grads, count, lr, b1=0.9, b2=0.999, eps=1e-8):
-  """Lazy Adam on the rows `ids` of a slab [n, 4d] = (θ, m, v, gradient accumulator).
-
-  Repeated ids are allowed: their gradients are first summed in the accumulator, then
-  every copy computes the same new row, so writing all copies is exact. No sort is needed.
+def representatives(scratch: jax.Array, ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """One occurrence per distinct id, without sorting.
 
   Args:
-    slab: [n, 4d]; the accumulator columns must be zero on entry (they are on exit).
-    ids: [k] row ids (repeats allowed).
+    scratch: [n] int32 table indexed by id; its contents on entry do not matter.
+    ids: [k] ids in [0, n), repeats allowed.
+  Returns:
+    (scratch, rep): rep[p] in [0, k) is the same position for every occurrence of
+    ids[p], and is an occurrence of it, so `rep[p] == p` marks exactly one p per id.
+  """
+  scratch = scratch.at[ids].set(jnp.arange(ids.shape[0], dtype=scratch.dtype))
+  return scratch, scratch[ids]
+
+
+def lazy_adam_rows(
+  slab, ids, grads, count, lr, *, rows=None, scratch=None, apply=True,
+  b1=0.9, b2=0.999, eps=1e-8,
+):  # fmt: skip
+  """Lazy Adam on the rows `ids` of a slab [n, 3d] = (θ, m, v).
+
+  Args:
+    slab: [n, 3d].
+    ids: [k] row ids (repeats allowed: their gradients are summed).
     grads: [k, d] gradient of each occurrence.
     count: the step number t >= 1.
     lr, b1, b2, eps: Adam's hyper-parameters (optax.adam's meaning of eps).
+    rows: `slab[ids]` when the caller already gathered it (the MF step does).
+    scratch: [n] int32 scratch table (`representatives`); a fresh one by default.
+    apply: scalar bool; False writes nothing (a skipped step).
   Returns:
-    The updated slab.
+    (slab, scratch).
   """
-  d = grads.shape[1]
-  # Accumulate first, then gather whole rows: gathering before the in-place scatter-add
-  # and reading the gathered rows afterwards would make XLA copy the whole slab.
-  slab = slab.at[ids, 3 * d :].add(grads)
-  rows = slab[ids]
-  g = rows[:, 3 * d :]  # the summed gradient of each occurrence's row
+  n, d = slab.shape[0], grads.shape[1]
+  rows = slab[ids] if rows is None else rows
+  scratch = jnp.zeros((n,), jnp.int32) if scratch is None else scratch
+  scratch, rep = representatives(scratch, ids)
+  g = jnp.zeros_like(grads).at[rep].add(grads)  # the row's summed gradient, at rep
   m = b1 * rows[:, d : 2 * d] + (1 - b1) * g
-  v = b2 * rows[:, 2 * d : 3 * d] + (1 - b2) * g * g
+  v = b2 * rows[:, 2 * d :] + (1 - b2) * g * g
   t = count.astype(slab.dtype)
   theta = rows[:, :d] - lr * (m / (1 - b1**t)) / (jnp.sqrt(v / (1 - b2**t)) + eps)
-  return slab.at[ids].set(jnp.concatenate([theta, m, v, jnp.zeros_like(g)], 1))
+  pos = jnp.arange(ids.shape[0], dtype=rep.dtype)
+  target = jnp.where((rep == pos) & apply, ids, n)  # n is out of bounds: dropped
+  slab = slab.at[target].set(jnp.concatenate([theta, m, v], 1), mode="drop")
+  return slab, scratch
 
 
 def bpr_rows_loss(eu, ei, ej, l2_reg: float):
@@ -83,30 +108,34 @@ def bpr_rows_loss(eu, ei, ej, l2_reg: float):
 
 
 def to_slab(params: dict, opt: LazyAdamState) -> jax.Array:
-  """[U + I, 4d] working table of (θ, m, v, accumulator)."""
+  """[U + I, 3d] working table of (θ, m, v)."""
   return jnp.concatenate([jnp.concatenate([params["user"], params["item"]]), opt.slots], 1)
 
 
 def from_slab(slab: jax.Array, n_users: int, count) -> tuple[dict, LazyAdamState]:
-  d = slab.shape[1] // 4
+  d = slab.shape[1] // 3
   params = {"user": slab[:n_users, :d], "item": slab[n_users:, :d]}
   return params, LazyAdamState(slab[:, d:], count)
 
 
-def sparse_mf_step(slab, count, batch, n_users: int, l2_reg, lr, scale=1.0):
+def sparse_mf_step(slab, count, scratch, batch, n_users: int, l2_reg, lr, scale=1.0):
   """One row-sparse MF-BPR step on the working slab.
 
-  A step whose loss or row gradients are not finite leaves the slab and the count as
-  they were (`scale` multiplies the loss: a test hook for injecting NaN).
+  A step whose loss is not finite leaves the slab and the count as they were (`scale`
+  multiplies the loss: a test hook for injecting NaN). Only the loss is checked: its
+  gradients are finite whenever it is, since they are sigmoids times differences of rows
+  that the finite scores and L2 term bound (a reduction over the [3B, d] gradients would
+  cost 5% of the step).
 
   Returns:
-    (slab, count, loss parts, ok).
+    (slab, count, scratch, loss parts, ok).
   """
-  d = slab.shape[1] // 4
+  d = slab.shape[1] // 3
   u, i, j = batch["user"], batch["pos"] + n_users, batch["neg"] + n_users
   ids = jnp.concatenate([u, i, j])
   b = u.shape[0]
-  theta = slab[ids, :d]
+  rows = slab[ids]  # the only read of the table
+  theta = rows[:, :d]
 
   def loss_fn(eu, ei, ej):
     loss, parts = bpr_rows_loss(eu, ei, ej, l2_reg)
@@ -114,12 +143,9 @@ def sparse_mf_step(slab, count, batch, n_users: int, l2_reg, lr, scale=1.0):
 
   grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1, 2), has_aux=True)
   (loss, parts), grads = grad_fn(theta[:b], theta[b : 2 * b], theta[2 * b :])
-  grads = jnp.concatenate(grads)
-  ok = jnp.isfinite(loss) & jnp.all(jnp.isfinite(grads))
-  slab, count = jax.lax.cond(
-    ok,
-    lambda s: (lazy_adam_rows(s, ids, grads, count + 1, lr), count + 1),
-    lambda s: (s, count),
-    slab,
+  ok = jnp.isfinite(loss)
+  count = count + ok.astype(count.dtype)
+  slab, scratch = lazy_adam_rows(
+    slab, ids, jnp.concatenate(grads), count, lr, rows=rows, scratch=scratch, apply=ok
   )
-  return slab, count, {"loss": loss, **parts}, ok
+  return slab, count, scratch, {"loss": loss, **parts}, ok

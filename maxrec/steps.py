@@ -142,32 +142,34 @@ def sparse_run_steps_fn(l2_reg: float, learning_rate: float, inject_nan_at: int 
   """`run_steps` for MF without auxiliary tasks, updating only the touched rows with lazy
   Adam (`maxrec.sparse`); same signature as `run_steps_fn`'s, graph and weights unused.
 
-  The steps work on one [U + I, 4d] table of (θ, m, v, accumulator) rows, built at the
-  start of the call and split back into `params` and `opt_state` at its end."""
+  The steps work on one [U + I, 3d] table of (θ, m, v) rows, built at the start of the
+  call and split back into `params` and `opt_state` at its end."""
 
   def run_steps(state: TrainState, graph, weights, batches, start, count):
     del graph, weights
     n_users = state.params["user"].shape[0]
     slab = sparse.to_slab(state.params, state.opt_state)
+    scratch = jnp.zeros((slab.shape[0],), jnp.int32)
     zero = {"loss": 0.0, "bpr": 0.0, "l2": 0.0, "good": 0.0}
     sums = jax.tree.map(lambda x: jnp.zeros((), slab.dtype), zero)
     step0 = state.step - start
 
     def body(t, carry):
-      slab, n, bad, first, acc = carry
+      slab, n, scratch, bad, first, acc = carry
       scale = _nan_hook(step0 + t, inject_nan_at)
-      slab, n, parts, ok = sparse.sparse_mf_step(
-        slab, n, _index(batches, t), n_users, l2_reg, learning_rate, scale
+      slab, n, scratch, parts, ok = sparse.sparse_mf_step(
+        slab, n, scratch, _index(batches, t), n_users, l2_reg, learning_rate, scale
       )
       first = jnp.where(~ok & (first < 0), step0 + t, first)
       parts = {
         **jax.tree.map(lambda x: jnp.where(ok, x, 0.0), parts),
         "good": ok.astype(slab.dtype),
       }
-      return slab, n, bad + jnp.where(ok, 0, 1), first, jax.tree.map(jnp.add, acc, parts)
+      bad = bad + jnp.where(ok, 0, 1)
+      return slab, n, scratch, bad, first, jax.tree.map(jnp.add, acc, parts)
 
-    init = (slab, state.opt_state.count, state.bad_steps, state.first_bad_step, sums)
-    slab, n, bad, first, sums = jax.lax.fori_loop(start, start + count, body, init)
+    init = (slab, state.opt_state.count, scratch, state.bad_steps, state.first_bad_step, sums)
+    slab, n, _, bad, first, sums = jax.lax.fori_loop(start, start + count, body, init)
     params, opt = sparse.from_slab(slab, n_users, n)
     new = state.replace(step=state.step + count, params=params, opt_state=opt)
     return new.replace(bad_steps=bad, first_bad_step=first), sums

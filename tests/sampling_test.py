@@ -48,3 +48,22 @@ def test_user_with_every_item_is_an_error():
   train = np.array([(0, 0), (0, 1)])
   with pytest.raises(ValueError, match="user 0 interacted with every item"):
     Sampler(train, train, 1, 2)
+
+
+def test_observed_is_exact_where_the_bloom_filter_has_false_positives():
+  """Every pair of a 2,000-user problem, checked against a Python set: the filter may flag
+  unobserved pairs (it does, at this load), but the answer must be exact."""
+  rng = np.random.default_rng(3)
+  n_users, n_items = 2000, 300
+  pairs = np.unique(
+    np.stack([rng.integers(n_users, size=20000), rng.integers(n_items, size=20000)], 1), axis=0
+  )
+  sampler = Sampler(pairs, pairs, n_users, n_items)
+  users, items = (a.ravel() for a in np.meshgrid(np.arange(n_users), np.arange(n_items)))
+  truth = np.zeros((n_users, n_items), bool)
+  truth[pairs[:, 0], pairs[:, 1]] = True
+  h = sampler._hash(users.astype(np.int64) * n_items + items)
+  flagged = ((sampler._bloom[h >> np.uint64(3)] >> (h & np.uint64(7)).astype(np.uint8)) & 1) == 1
+  assert flagged[truth[users, items]].all()  # no false negatives
+  assert (flagged & ~truth[users, items]).sum() > 1000  # the exact check has work to do
+  np.testing.assert_array_equal(sampler.observed(users, items), truth[users, items])

@@ -15,30 +15,49 @@ def test_lazy_adam_equals_dense_adam_on_rows_touched_every_step(x64):
   rng = np.random.default_rng(0)
   n, d, lr = 7, 3, 0.05
   table = jnp.asarray(rng.normal(size=(n, d)))
-  slab = jnp.concatenate([table, jnp.zeros((n, 3 * d))], 1)
+  slab = jnp.concatenate([table, jnp.zeros((n, 2 * d))], 1)
   dense, tx = table, optax.adam(lr)
   opt = tx.init(dense)
   for t in range(1, 6):
     ids = jnp.asarray([0, 2, 2, 5, 0, 2])  # rows 0, 2, 5 every step, with repeats
     grads = jnp.asarray(rng.normal(size=(6, d)))
-    slab = sparse.lazy_adam_rows(slab, ids, grads, jnp.int32(t), lr)
+    slab, _ = sparse.lazy_adam_rows(slab, ids, grads, jnp.int32(t), lr)
     g_dense = jnp.zeros((n, d)).at[ids].add(grads)
     upd, opt = tx.update(g_dense, opt, dense)
     dense = optax.apply_updates(dense, upd)
   touched, untouched = np.array([0, 2, 5]), np.array([1, 3, 4, 6])
   np.testing.assert_allclose(slab[touched, :d], dense[touched], rtol=1e-12)
   np.testing.assert_array_equal(slab[untouched, :d], table[untouched])
-  assert np.all(np.asarray(slab[:, 3 * d :]) == 0)  # the accumulator is left zeroed
+  assert np.all(np.asarray(slab[untouched, d:]) == 0)  # untouched moments stay zero
+
+
+def test_representatives_pick_one_occurrence_per_id_whatever_the_scratch_holds():
+  ids = jnp.asarray([4, 1, 4, 4, 0, 1, 7])
+  scratch = jnp.asarray([9, -3, 5, 5, 2, 0, 0, 6, 1])  # stale contents must not matter
+  _, rep = sparse.representatives(scratch, ids)
+  rep, ids_np = np.asarray(rep), np.asarray(ids)
+  for p, r in enumerate(rep):
+    assert ids_np[r] == ids_np[p]  # an occurrence of the same id
+    assert rep[r] == r  # which represents itself
+  assert sorted(ids_np[rep == np.arange(len(rep))]) == [0, 1, 4, 7]  # one per distinct id
+
+
+def test_a_skipped_update_writes_nothing(x64):
+  slab = jnp.asarray(np.random.default_rng(1).normal(size=(5, 6)))
+  out, _ = sparse.lazy_adam_rows(
+    slab, jnp.asarray([1, 1, 3]), jnp.full((3, 2), jnp.nan), jnp.int32(1), 0.1, apply=False
+  )
+  np.testing.assert_array_equal(out, slab)
 
 
 def test_lazy_adam_skips_untouched_rows_where_dense_adam_drifts(x64):
   """The documented difference: after a row leaves the batch, dense Adam keeps moving it
   on its momentum; lazy Adam does not."""
   n, d, lr = 3, 2, 0.1
-  slab = jnp.zeros((n, 4 * d))
-  slab = sparse.lazy_adam_rows(slab, jnp.asarray([1]), jnp.ones((1, d)), jnp.int32(1), lr)
+  slab = jnp.zeros((n, 3 * d))
+  slab, _ = sparse.lazy_adam_rows(slab, jnp.asarray([1]), jnp.ones((1, d)), jnp.int32(1), lr)
   after_first = np.asarray(slab[1, :d])
-  slab = sparse.lazy_adam_rows(slab, jnp.asarray([0]), jnp.ones((1, d)), jnp.int32(2), lr)
+  slab, _ = sparse.lazy_adam_rows(slab, jnp.asarray([0]), jnp.ones((1, d)), jnp.int32(2), lr)
   np.testing.assert_array_equal(slab[1, :d], after_first)
 
 
