@@ -156,3 +156,24 @@ def test_two_level_top_k_equals_lax_top_k_with_ties():
     want, got = jax.lax.top_k(s, 20), two_level_top_k(s, 20, chunk)
     np.testing.assert_array_equal(want[0], got[0])
     np.testing.assert_array_equal(want[1], got[1])
+
+
+def test_two_level_top_k_ignores_padding_columns_even_when_they_would_win():
+  """Padding columns (ids >= n_valid) hold large values here: none may be returned, and
+  the result equals `lax.top_k` over the real columns, ties and masked (-inf) ones
+  included, also when fewer than k real columns are finite."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from maxrec.metrics import two_level_top_k
+
+  rng = np.random.default_rng(1)
+  n, chunk, k = 301, 8, 20
+  real = jnp.asarray(rng.integers(0, 5, size=(32, n)), jnp.float32).at[:, ::3].set(-jnp.inf)
+  real = real.at[0, :].set(-jnp.inf).at[0, 5].set(1.0)  # one finite column: -inf ties fill
+  padded = jnp.concatenate([real, jnp.full((32, -n % chunk), 9.0)], 1)
+  want = jax.lax.top_k(real, k)
+  got = two_level_top_k(padded, k, chunk, n_valid=n)
+  np.testing.assert_array_equal(want[0], got[0])
+  np.testing.assert_array_equal(want[1], got[1])
