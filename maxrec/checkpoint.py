@@ -75,4 +75,12 @@ def restore(path: str, template):
     state_dict = serialization.msgpack_restore(f.read())
   restored = serialization.from_state_dict(_keys_to_data(template), state_dict)
   restored = jax.tree.map(lambda x: np.asarray(x) if isinstance(x, np.ndarray) else x, restored)
+  want = jax.tree_util.tree_leaves_with_path(_keys_to_data(template))
+  for (where, a), b in zip(want, jax.tree.leaves(restored)):
+    if np.shape(a) != np.shape(b):
+      raise ValueError(
+        f"{path}: {jax.tree_util.keystr(where)} has shape {np.shape(b)}, but this run "
+        f"expects {np.shape(a)}. The checkpoint was written by another configuration or "
+        "MAXRec version; resume it with that version, or start a fresh --workdir."
+      )
   return _data_to_keys(restored, template)

@@ -8,6 +8,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from helpers import start_cli
 
 from maxrec import checkpoint
@@ -46,6 +47,15 @@ def test_save_restore_round_trip_and_keep_last(tmp_path):
   np.testing.assert_array_equal(
     jax.random.key_data(back["state"]["key"]), jax.random.key_data(payload["state"]["key"])
   )
+
+
+def test_restore_names_a_leaf_whose_shape_changed(tmp_path):
+  """A checkpoint from another layout (an older optimizer slab, another dimension) is an
+  error naming the file, the leaf and both shapes, not a silently mis-shaped state."""
+  checkpoint.save(str(tmp_path), 1, {"opt": {"slots": jnp.zeros((5, 8))}}, keep=1)
+  path = checkpoint.list_checkpoints(str(tmp_path))[-1][1]
+  with pytest.raises(ValueError, match=r"slots.*\(5, 8\).*\(5, 6\).*fresh --workdir"):
+    checkpoint.restore(path, {"opt": {"slots": jnp.zeros((5, 6))}})
 
 
 def train(*args):

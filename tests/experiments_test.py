@@ -44,7 +44,9 @@ def test_train_cli_end_to_end(tmp_path):
 
 def test_topk_bench_runs():
   r = run_cli(
-    "experiments.topk_bench", "--users=256", "--items=500", "--block=64", "--k=10", "--chunk=8"
-  )
+    "experiments.topk_bench", "--users=256", "--items=500", "--block=64", "--k=10", "--chunk=8",
+    "--widths=20,60",
+  )  # fmt: skip
   assert r.returncode == 0, r.stderr[-2000:]
-  assert "two-level top-k" in r.stdout and "x the matmul" in r.stdout
+  assert "two-level, padded table" in r.stdout and "x the matmul" in r.stdout
+  assert "width     60" in r.stdout
