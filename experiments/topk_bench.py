@@ -34,6 +34,17 @@ flags.DEFINE_list(
 )
 
 
+def _median_time(fn, arg, repeats: int = 3) -> float:
+  """Median seconds of `fn(arg)` after a first (compiling) call."""
+  jax.block_until_ready(fn(arg))
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(arg))
+    times.append(time.perf_counter() - t0)
+  return float(np.median(times))
+
+
 def main(argv):
   del argv
   fv = flags.FLAGS
@@ -50,13 +61,7 @@ def main(argv):
         lambda acc, b: (acc + reduce_block(users[b] @ table.T), None), jnp.zeros(()), blocks
       )[0]
     )
-    jax.block_until_ready(run(table))
-    times = []
-    for _ in range(3):
-      t0 = time.perf_counter()
-      jax.block_until_ready(run(table))
-      times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+    return _median_time(run, table)
 
   padded = jnp.pad(items, ((0, -fv.items % fv.chunk), (0, 0)))  # as maxrec.metrics does
 
@@ -90,14 +95,8 @@ def main(argv):
   print(f"\nlax.top_k alone, {fv.users} rows (one per user), K={k}")
   for w in map(int, fv.widths):
     x = jnp.asarray(rng.normal(size=(fv.users, w)), jnp.float32)
-    top = jax.jit(lambda x: jax.lax.top_k(x, k)[0].sum())
-    jax.block_until_ready(top(x))
-    times = []
-    for _ in range(3):
-      t0 = time.perf_counter()
-      jax.block_until_ready(top(x))
-      times.append(time.perf_counter() - t0)
-    print(f"  width {w:>6}{np.median(times):8.3f} s")
+    t = _median_time(jax.jit(lambda x: jax.lax.top_k(x, k)[0].sum()), x)
+    print(f"  width {w:>6}{t:8.3f} s")
 
 
 if __name__ == "__main__":

@@ -161,7 +161,14 @@ class TrainConfig:
 
   epochs: int = _f(100, "Maximum number of epochs.")
   batch_size: int = _f(2048, "BPR triples per step.")
-  learning_rate: float = _f(1e-3, "Adam learning rate of the embeddings.")
+  learning_rate: float = _f(1e-3, "Learning rate of the embeddings' --optimizer.")
+  optimizer: str = _f(
+    "adam",
+    "Inner optimizer of the embeddings: adam (METHOD.md's) or sgd (plain SGD, the update "
+    "rule of implicit's BPR, and the fastest MF path; the BPR loss is a batch mean, so SGD "
+    "needs a far larger --learning_rate, e.g. 20 at batch 2048).",
+    ("adam", "sgd"),
+  )
   l2_reg: float = _f(1e-4, "lambda of the L2 term on the batch's ego embeddings.")
   seed: int = _f(0, "Seed of initialisation and sampling (and of the split unless --split_seed).")
   eval_every: int = _f(1, "Validate every this many epochs.")
@@ -170,8 +177,8 @@ class TrainConfig:
   topk: tuple[int, ...] = _f((10, 20, 50), "Cut-offs K of the metrics.")
   sparse_updates: bool = _f(
     True,
-    "MF without auxiliary tasks: update only the rows a batch touches, with lazy Adam "
-    "(maxrec/sparse.py); --nosparse_updates for dense Adam.",
+    "MF without auxiliary tasks: update only the rows a batch touches, with lazy Adam or "
+    "SGD (maxrec/sparse.py); --nosparse_updates for the dense update.",
   )
   mesh_devices: int = _f(
     0,
@@ -202,6 +209,7 @@ class TrainConfig:
     _check(self.l2_reg >= 0, f"--l2_reg={self.l2_reg} must be >= 0.")
     _check(len(self.topk) >= 1 and all(k >= 1 for k in self.topk), "--topk needs positive K.")
     _check_choice("on_nonfinite", self.on_nonfinite, ("skip", "stop"))
+    _check_choice("optimizer", self.optimizer, ("adam", "sgd"))
     _check(self.mesh_devices >= 0, f"--mesh_devices={self.mesh_devices} must be >= 0.")
     name, _, k = self.early_stop_metric.partition("@")
     _check(
@@ -347,6 +355,11 @@ class Config:
     _check(
       not (self.aux.weighting == "meta" and self.data.meta_ratio == 0),
       "--weighting=meta needs a meta split: --meta_ratio must be > 0 (empty means 0.1).",
+    )
+    _check(
+      not (self.aux.weighting == "uncertainty" and self.train.optimizer == "sgd"),
+      "--weighting=uncertainty learns its log-variances with Adam at --learning_rate: "
+      "use --optimizer=adam.",
     )
 
   @property

@@ -11,6 +11,10 @@ only:
     m_r <- b1 m_r + (1 - b1) g_r ;  v_r <- b2 v_r + (1 - b2) g_r²
     θ_r <- θ_r - lr · sqrt(1 - b2^t) / (1 - b1^t) · m_r / (sqrt(v_r) + eps')
 
+With `--optimizer=sgd` the table is θ alone and a step scatter-adds `-lr · g` into the
+touched rows, repeats summed by the scatter itself. That is exactly dense SGD (an untouched
+row has a zero gradient), and the update rule of implicit's C++ BPR.
+
 Semantics against dense Adam (documented, and tested): a row that the batch touches gets
 exactly dense Adam's update; a row that it does not touch keeps θ, m and v unchanged,
 whereas dense Adam would decay its moments and still move it along its old momentum. Rows
@@ -118,6 +122,37 @@ def from_slab(slab: jax.Array, n_users: int, count) -> tuple[dict, LazyAdamState
   return params, LazyAdamState(slab[:, d:], count)
 
 
+def _rows_grads(theta, b: int, l2_reg, scale):
+  """Loss, parts and [3b, d] gradient of a batch's gathered rows (users, pos, neg)."""
+
+  def loss_fn(eu, ei, ej):
+    loss, parts = bpr_rows_loss(eu, ei, ej, l2_reg)
+    return loss * scale, parts
+
+  grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1, 2), has_aux=True)
+  (loss, parts), grads = grad_fn(theta[:b], theta[b : 2 * b], theta[2 * b :])
+  return loss, parts, jnp.concatenate(grads)
+
+
+def batch_rows(batch, n_users: int) -> jax.Array:
+  """[3B] row ids of a batch in the node table: users, positives, negatives."""
+  return jnp.concatenate([batch["user"], batch["pos"] + n_users, batch["neg"] + n_users])
+
+
+def sparse_sgd_step(table, batch, n_users: int, l2_reg, lr, scale=1.0):
+  """One row-sparse MF-BPR step of plain SGD on the [U + I, d] node table.
+
+  Returns:
+    (table, loss parts, ok); a step with a non-finite loss writes nothing (see
+    `sparse_mf_step` on why the loss alone is checked).
+  """
+  ids = batch_rows(batch, n_users)
+  loss, parts, grads = _rows_grads(table[ids], ids.shape[0] // 3, l2_reg, scale)
+  ok = jnp.isfinite(loss)
+  table = table.at[jnp.where(ok, ids, table.shape[0])].add(-lr * grads, mode="drop")
+  return table, {"loss": loss, **parts}, ok
+
+
 def sparse_mf_step(slab, count, scratch, batch, n_users: int, l2_reg, lr, scale=1.0):
   """One row-sparse MF-BPR step on the working slab.
 
@@ -131,21 +166,10 @@ def sparse_mf_step(slab, count, scratch, batch, n_users: int, l2_reg, lr, scale=
     (slab, count, scratch, loss parts, ok).
   """
   d = slab.shape[1] // 3
-  u, i, j = batch["user"], batch["pos"] + n_users, batch["neg"] + n_users
-  ids = jnp.concatenate([u, i, j])
-  b = u.shape[0]
+  ids = batch_rows(batch, n_users)
   rows = slab[ids]  # the only read of the table
-  theta = rows[:, :d]
-
-  def loss_fn(eu, ei, ej):
-    loss, parts = bpr_rows_loss(eu, ei, ej, l2_reg)
-    return loss * scale, parts
-
-  grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1, 2), has_aux=True)
-  (loss, parts), grads = grad_fn(theta[:b], theta[b : 2 * b], theta[2 * b :])
+  loss, parts, grads = _rows_grads(rows[:, :d], ids.shape[0] // 3, l2_reg, scale)
   ok = jnp.isfinite(loss)
   count = count + ok.astype(count.dtype)
-  slab, scratch = lazy_adam_rows(
-    slab, ids, jnp.concatenate(grads), count, lr, rows=rows, scratch=scratch, apply=ok
-  )
+  slab, scratch = lazy_adam_rows(slab, ids, grads, count, lr, rows=rows, scratch=scratch, apply=ok)
   return slab, count, scratch, {"loss": loss, **parts}, ok

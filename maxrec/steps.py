@@ -138,40 +138,59 @@ def run_steps_fn(objective: Objective, tx, aux_tx=None, inject_nan_at: int = -1)
   return _loop(step)
 
 
-def sparse_run_steps_fn(l2_reg: float, learning_rate: float, inject_nan_at: int = -1):
+def sparse_run_steps_fn(
+  l2_reg: float, learning_rate: float, inject_nan_at: int = -1, optimizer: str = "adam"
+):
   """`run_steps` for MF without auxiliary tasks, updating only the touched rows with lazy
-  Adam (`maxrec.sparse`); same signature as `run_steps_fn`'s, graph and weights unused.
+  Adam or SGD (`maxrec.sparse`); same signature as `run_steps_fn`'s, graph and weights
+  unused.
 
-  The steps work on one [U + I, 3d] table of (θ, m, v) rows, built at the start of the
-  call and split back into `params` and `opt_state` at its end."""
+  The steps work on one node table, built at the start of the call and split back into
+  `params` (and, for Adam, `opt_state`) at its end: [U + I, 3d] rows of (θ, m, v) for
+  Adam, [U + I, d] rows of θ for SGD (whose optax state is empty and left as it is)."""
 
   def run_steps(state: TrainState, graph, weights, batches, start, count):
     del graph, weights
     n_users = state.params["user"].shape[0]
-    slab = sparse.to_slab(state.params, state.opt_state)
-    scratch = jnp.zeros((slab.shape[0],), jnp.int32)
+    if optimizer == "adam":
+      table = sparse.to_slab(state.params, state.opt_state)
+      opt = (state.opt_state.count, jnp.zeros((table.shape[0],), jnp.int32))
+    else:
+      table, opt = jnp.concatenate([state.params["user"], state.params["item"]]), ()
     zero = {"loss": 0.0, "bpr": 0.0, "l2": 0.0, "good": 0.0}
-    sums = jax.tree.map(lambda x: jnp.zeros((), slab.dtype), zero)
+    sums = jax.tree.map(lambda x: jnp.zeros((), table.dtype), zero)
     step0 = state.step - start
 
+    def step(table, opt, batch, scale):
+      if optimizer == "adam":
+        n, scratch = opt
+        table, n, scratch, parts, ok = sparse.sparse_mf_step(
+          table, n, scratch, batch, n_users, l2_reg, learning_rate, scale
+        )
+        return table, (n, scratch), parts, ok
+      table, parts, ok = sparse.sparse_sgd_step(table, batch, n_users, l2_reg, learning_rate, scale)
+      return table, opt, parts, ok
+
     def body(t, carry):
-      slab, n, scratch, bad, first, acc = carry
+      table, opt, bad, first, acc = carry
       scale = _nan_hook(step0 + t, inject_nan_at)
-      slab, n, scratch, parts, ok = sparse.sparse_mf_step(
-        slab, n, scratch, _index(batches, t), n_users, l2_reg, learning_rate, scale
-      )
+      table, opt, parts, ok = step(table, opt, _index(batches, t), scale)
       first = jnp.where(~ok & (first < 0), step0 + t, first)
       parts = {
         **jax.tree.map(lambda x: jnp.where(ok, x, 0.0), parts),
-        "good": ok.astype(slab.dtype),
+        "good": ok.astype(table.dtype),
       }
       bad = bad + jnp.where(ok, 0, 1)
-      return slab, n, scratch, bad, first, jax.tree.map(jnp.add, acc, parts)
+      return table, opt, bad, first, jax.tree.map(jnp.add, acc, parts)
 
-    init = (slab, state.opt_state.count, scratch, state.bad_steps, state.first_bad_step, sums)
-    slab, n, _, bad, first, sums = jax.lax.fori_loop(start, start + count, body, init)
-    params, opt = sparse.from_slab(slab, n_users, n)
-    new = state.replace(step=state.step + count, params=params, opt_state=opt)
+    init = (table, opt, state.bad_steps, state.first_bad_step, sums)
+    table, opt, bad, first, sums = jax.lax.fori_loop(start, start + count, body, init)
+    if optimizer == "adam":
+      params, opt_state = sparse.from_slab(table, n_users, opt[0])
+    else:
+      params = {"user": table[:n_users], "item": table[n_users:]}
+      opt_state = state.opt_state
+    new = state.replace(step=state.step + count, params=params, opt_state=opt_state)
     return new.replace(bad_steps=bad, first_bad_step=first), sums
 
   return run_steps
@@ -223,7 +242,8 @@ def make_run_steps(objective: Objective, tx, aux_tx=None, fn=None):
 
 
 def uses_sparse_updates(cfg: Config) -> bool:
-  """MF without auxiliary tasks has a row-sparse gradient: train it with lazy Adam."""
+  """MF without auxiliary tasks has a row-sparse gradient: train it with lazy Adam or SGD
+  on the touched rows only."""
   return cfg.train.sparse_updates and cfg.model.model == "mf" and not cfg.aux.tasks
 
 

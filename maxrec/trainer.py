@@ -74,15 +74,17 @@ class Trainer:
     if cfg.aux.weighting == "replay":
       self.replay = replay.load_trajectory(cfg.aux.replay_from, self.objective.task_names)
     aux_params = initial_aux_params(cfg)
-    tx = optax.adam(cfg.train.learning_rate)
+    lr = cfg.train.learning_rate
+    tx = optax.adam(lr) if cfg.train.optimizer == "adam" else optax.sgd(lr)
     aux_tx = optax.adam(cfg.train.learning_rate) if cfg.aux.weighting == "uncertainty" else None
     key = jax.random.key(cfg.train.seed)
     true_size = make_model(cfg.model, ds.n_users, ds.n_items)  # the same initial values
     self.state = init_state(true_size, tx, key, aux_params, aux_tx, pad_to=(n_users, n_items))
     inject = cfg.train.inject_nan_at_step
     if uses_sparse_updates(cfg):
-      self.state = self.state.replace(opt_state=sparse.lazy_adam_init(self.state.params))
-      fn = sparse_run_steps_fn(cfg.train.l2_reg, cfg.train.learning_rate, inject)
+      if cfg.train.optimizer == "adam":
+        self.state = self.state.replace(opt_state=sparse.lazy_adam_init(self.state.params))
+      fn = sparse_run_steps_fn(cfg.train.l2_reg, lr, inject, cfg.train.optimizer)
     else:
       fn = run_steps_fn(self.objective, tx, aux_tx, inject)
     self._tables = {n_users, n_items, n_users + n_items}

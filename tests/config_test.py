@@ -24,6 +24,8 @@ def test_from_flat_and_flat_round_trip():
     (dict(early_stop_metric="ndcg@30"), r"K in --topk=10,20,50"),
     (dict(bogus=1), r"Unknown config field\(s\): bogus"),
     (dict(split_ratios=(0.5, 0.5)), r"three non-negative numbers"),
+    (dict(optimizer="adagrad"), r"--optimizer='adagrad' is not one of adam, sgd"),
+    (dict(optimizer="sgd", weighting="uncertainty"), r"use --optimizer=adam"),
   ],
 )
 def test_invalid_values_are_clear_errors(kw, match):

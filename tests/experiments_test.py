@@ -1,6 +1,7 @@
 """The command line as a user meets it: bad input exits non-zero with one clear line."""
 
 import json
+import math
 
 from helpers import run_cli
 
@@ -50,3 +51,27 @@ def test_topk_bench_runs():
   assert r.returncode == 0, r.stderr[-2000:]
   assert "two-level, padded table" in r.stdout and "x the matmul" in r.stdout
   assert "width     60" in r.stdout
+
+
+def test_bench_writes_every_figure_the_issue_names(tmp_path):
+  """A tiny run of every measurement: the JSON keys issue 6 asks for, finite positive
+  times, and one compilation per training measurement."""
+  import importlib.util
+
+  out = tmp_path / "bench.json"
+  r = run_cli(
+    "experiments.bench", "--only=mf,eval,lightgcn,fixed,meta,implicit", "--timed_epochs=1",
+    "--mf_timed_epochs=2", "--synth_users=300", "--synth_items=400",
+    "--synth_interactions=8000", "--batch_size=256", "--meta_every=5", f"--out={out}",
+  )  # fmt: skip
+  assert r.returncode == 0, r.stderr[-2000:]
+  res = json.loads(out.read_text())
+  keys = ["mf_epoch_s", "mf_sgd_epoch_s", "lightgcn_epoch_s", "eval_s", "matmul_s"]
+  keys += ["fixed_epoch_s", "meta_epoch_s", "peak_rss_mib"]
+  if importlib.util.find_spec("implicit") is not None:
+    keys.append("implicit_epoch_s")
+  for key in keys:
+    assert math.isfinite(res[key]) and res[key] > 0, key
+  assert all(res[k]["compilations"] == 1 for k in ("mf", "mf_sgd", "lightgcn", "fixed", "meta"))
+  assert res["meta"]["meta_steps_timed"] >= 1
+  assert "eval / bare matmul" in r.stdout and "meta / fixed epoch" in r.stdout

@@ -82,3 +82,31 @@ def test_sparse_and_dense_mf_training_agree_when_every_row_is_touched():
   np.testing.assert_allclose(p_sparse["user"], p_dense["user"], rtol=2e-4, atol=1e-5)
   np.testing.assert_allclose(p_sparse["item"], p_dense["item"], rtol=2e-4, atol=1e-5)
   assert l_sparse == pytest.approx(l_dense, rel=1e-5)
+
+
+def test_sparse_sgd_equals_dense_sgd_when_most_rows_are_untouched():
+  """SGD's update of an untouched row is zero, so the row-sparse path is dense SGD exactly
+  (up to float summation order), whatever the batches cover."""
+  from maxrec.readers import RawInteractions
+
+  rng = np.random.default_rng(0)
+  pairs = np.unique(np.stack([rng.integers(60, size=400), rng.integers(80, size=400)], 1), axis=0)
+  raw = RawInteractions(pairs[:, 0], pairs[:, 1], source="test")
+  kw = dict(
+    weighting="none", optimizer="sgd", learning_rate=5.0, batch_size=16,
+    split_ratios=(1.0, 0.0, 0.0),
+  )  # fmt: skip
+  finals = []
+  for sparse_updates in (True, False):
+    cfg = Config.from_flat(**kw, sparse_updates=sparse_updates)
+    tr = train.Trainer(cfg, data.build_dataset(raw, cfg.data, seed=0))
+    assert steps.uses_sparse_updates(cfg) == sparse_updates
+    start = jax.device_get(tr.state.params)
+    for _ in range(2):
+      sums, _ = tr.epoch()
+    finals.append((jax.device_get(tr.state.params), float(sums["loss"])))
+  (p_sparse, l_sparse), (p_dense, l_dense) = finals
+  assert not np.allclose(p_sparse["item"], start["item"])  # it trained
+  np.testing.assert_allclose(p_sparse["user"], p_dense["user"], rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(p_sparse["item"], p_dense["item"], rtol=1e-5, atol=1e-7)
+  assert l_sparse == pytest.approx(l_dense, rel=1e-5)

@@ -127,11 +127,15 @@ def test_meta_split_is_never_trained_on_and_masked(tmp_path):
   assert summary["n_meta"] == len(ds.meta) and final["best_epoch"] == 1
 
 
-@pytest.mark.parametrize("weighting", ["none", "fixed"])  # the sparse and the dense step
-def test_injected_nan_is_skipped_and_reported(tmp_path, weighting):
+@pytest.mark.parametrize(  # the sparse Adam, sparse SGD and dense steps
+  "weighting,optimizer", [("none", "adam"), ("none", "sgd"), ("fixed", "adam")]
+)
+def test_injected_nan_is_skipped_and_reported(tmp_path, weighting, optimizer):
   n_steps = 10  # steps in a TINY epoch: the NaN lands in the second epoch
   cfg = Config.from_flat(
-    **{**TINY, "weighting": weighting}, epochs=3, inject_nan_at_step=n_steps + 2
+    **{**TINY, "weighting": weighting, "optimizer": optimizer},
+    epochs=3,
+    inject_nan_at_step=n_steps + 2,
   )
   final = train.train_and_evaluate(cfg, str(tmp_path))
   assert final["skipped_steps"] == 1
