@@ -9,10 +9,10 @@ measures, in this order: MF-BPR epoch (the default lazy Adam), full-ranking eval
 every test user against the bare score matmul of the same shapes, MF-BPR epoch with plain
 SGD (`--optimizer=sgd --learning_rate=20`, implicit's update rule), LightGCN epoch,
 fixed-weight and meta-learning epochs of the default method, and implicit's C++ BPR on
-the same data when `implicit` is installed (`pip install -e '.[bench]'`). Peak RSS is read after the MF run and its
-evaluation. Times are medians over epochs after compilation, which is timed apart; the
-meta-learning epoch is a mean, because its meta steps come every N steps and fall in some
-epochs and not in others.
+the same data when `implicit` is installed (`pip install -e '.[bench]'`). Peak RSS is read
+after the MF run and its evaluation. Times are medians over epochs after compilation,
+which is timed apart; the meta-learning epoch is a mean, because its meta steps come every
+N steps and fall in some epochs and not in others.
 """
 
 from __future__ import annotations
@@ -210,7 +210,7 @@ def main(argv):
     res, _ = time_epochs(sgd, ds, fv.mf_timed_epochs)
     r["mf_sgd"], r["mf_sgd_epoch_s"] = res, res["epoch_s"]
   if "lightgcn" in only:
-    res, _ = time_epochs(base.replace(model="lightgcn", weighting="none"), ds, 1)  # 44 s each
+    res, _ = time_epochs(base.replace(model="lightgcn", weighting="none"), ds, 1)
     r["lightgcn"], r["lightgcn_epoch_s"] = res, res["epoch_s"]
   if "fixed" in only:
     res, _ = time_epochs(base.replace(weighting="fixed"), meta_ds, timed)

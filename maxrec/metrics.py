@@ -166,8 +166,9 @@ def two_level_top_k(
   Any element outside the k chunks with the largest maxima is at most the k-th largest
   chunk maximum, so it cannot beat k elements. Chunks are gathered in id order, so ties
   break towards the lower id, as `lax.top_k` does: the result equals `lax.top_k`'s,
-  ties included. On CPU at Gowalla size it takes a third of the time of `lax.top_k`
-  (`python -m experiments.topk_bench`), since XLA's CPU `top_k` over 41k columns is slow.
+  ties included. On CPU at Gowalla size, matmul included, it takes 2.3 s against 3.2 s
+  with `lax.top_k` (`python -m experiments.topk_bench`): XLA's CPU `top_k` over 41k
+  columns is slow.
 
   Args:
     scores: [b, m]; m should be a multiple of `chunk` (else a padded copy is made).

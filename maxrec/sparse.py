@@ -111,15 +111,24 @@ def bpr_rows_loss(eu, ei, ej, l2_reg: float):
   return bpr + l2, {"bpr": bpr, "l2": l2}
 
 
+def node_table(params: dict) -> jax.Array:
+  """[U + I, d] θ of users, then items: the table the SGD steps work on."""
+  return jnp.concatenate([params["user"], params["item"]])
+
+
+def table_params(table: jax.Array, n_users: int, d: int) -> dict:
+  """`params` from the first d columns of a node table (the inverse of `node_table`)."""
+  return {"user": table[:n_users, :d], "item": table[n_users:, :d]}
+
+
 def to_slab(params: dict, opt: LazyAdamState) -> jax.Array:
   """[U + I, 3d] working table of (θ, m, v)."""
-  return jnp.concatenate([jnp.concatenate([params["user"], params["item"]]), opt.slots], 1)
+  return jnp.concatenate([node_table(params), opt.slots], 1)
 
 
 def from_slab(slab: jax.Array, n_users: int, count) -> tuple[dict, LazyAdamState]:
   d = slab.shape[1] // 3
-  params = {"user": slab[:n_users, :d], "item": slab[n_users:, :d]}
-  return params, LazyAdamState(slab[:, d:], count)
+  return table_params(slab, n_users, d), LazyAdamState(slab[:, d:], count)
 
 
 def _rows_grads(theta, b: int, l2_reg, scale):

@@ -156,7 +156,7 @@ def sparse_run_steps_fn(
       table = sparse.to_slab(state.params, state.opt_state)
       opt = (state.opt_state.count, jnp.zeros((table.shape[0],), jnp.int32))
     else:
-      table, opt = jnp.concatenate([state.params["user"], state.params["item"]]), ()
+      table, opt = sparse.node_table(state.params), ()
     zero = {"loss": 0.0, "bpr": 0.0, "l2": 0.0, "good": 0.0}
     sums = jax.tree.map(lambda x: jnp.zeros((), table.dtype), zero)
     step0 = state.step - start
@@ -188,8 +188,7 @@ def sparse_run_steps_fn(
     if optimizer == "adam":
       params, opt_state = sparse.from_slab(table, n_users, opt[0])
     else:
-      params = {"user": table[:n_users], "item": table[n_users:]}
-      opt_state = state.opt_state
+      params, opt_state = sparse.table_params(table, n_users, table.shape[1]), state.opt_state
     new = state.replace(step=state.step + count, params=params, opt_state=opt_state)
     return new.replace(bad_steps=bad, first_bad_step=first), sums
 

@@ -76,7 +76,7 @@ class Trainer:
     aux_params = initial_aux_params(cfg)
     lr = cfg.train.learning_rate
     tx = optax.adam(lr) if cfg.train.optimizer == "adam" else optax.sgd(lr)
-    aux_tx = optax.adam(cfg.train.learning_rate) if cfg.aux.weighting == "uncertainty" else None
+    aux_tx = optax.adam(lr) if cfg.aux.weighting == "uncertainty" else None
     key = jax.random.key(cfg.train.seed)
     true_size = make_model(cfg.model, ds.n_users, ds.n_items)  # the same initial values
     self.state = init_state(true_size, tx, key, aux_params, aux_tx, pad_to=(n_users, n_items))
