@@ -3,11 +3,12 @@
   python -m experiments.topk_bench            # Gowalla shape: 29,858 users x 40,981 items
 
 The evaluation's cost beyond the score matmul is the top K. This measures, over all users
-in blocks (one `lax.scan`, as `maxrec.metrics` does), the bare matmul and four ways of
+in blocks (one `lax.scan`, as `maxrec.metrics` does), the bare matmul and the ways of
 taking the top K of each block's scores: `lax.top_k`, `lax.approx_max_k`, `lax.top_k` on
-row splits of the block, and the exact two-level top-k (`maxrec.metrics.two_level_top_k`:
-per-chunk maxima, the K best chunks, then `top_k` over their members), on the item table
-as it is and padded with zero rows to whole chunks, as MAXRec evaluates on CPU. Then
+row splits of the block, the exact two-level top-k (`maxrec.metrics.two_level_top_k`:
+per-chunk maxima, the K best chunks, then `top_k` over their members) on the item table
+as it is and padded with zero rows to whole chunks (MAXRec's CPU path without a C++
+compiler), and the C++ kernel of `maxrec/top_k.cc` (its CPU path) when it builds. Then
 `lax.top_k` alone at several widths (`--widths`), one row per user: the two calls that the
 two-level top-k makes. Medians of 3 runs after compilation.
 """
@@ -21,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from maxrec import native
 from maxrec.metrics import two_level_top_k
 
 flags.DEFINE_integer("users", 29858, "Users.")
@@ -79,6 +81,10 @@ def main(argv):
     ),
     f"two-level top-k (chunk {fv.chunk})": lambda x: two_level_top_k(x, k, fv.chunk)[0].sum(),
   }
+  if native.available():  # the C++ kernel of maxrec/top_k.cc, as evaluation uses it on CPU
+    got = native.top_k(s, k)
+    assert all(bool((a == b).all()) for a, b in zip(want, got)), "native top-k differs"
+    variants["native top-k kernel (top_k.cc)"] = lambda x: native.top_k(x, k)[0].sum()
   on_padded = {  # the item table padded to whole chunks: no padded copy of each block
     f"two-level, padded table (chunk {fv.chunk})": lambda x: two_level_top_k(
       x, k, fv.chunk, n_valid=fv.items

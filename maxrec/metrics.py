@@ -22,10 +22,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from maxrec import native
 from maxrec.data import to_csr
 
 METRICS = ("recall", "ndcg", "precision", "hit", "mrr")
 TOP_K_CHUNK = 32  # chunk size of the CPU two-level top-k (`experiments/topk_bench.py`)
+TOP_K_METHODS = ("lax", "two_level", "native")
 
 
 @struct.dataclass
@@ -37,11 +39,9 @@ class EvalSet:
     valid: [n_blocks, block] bool.
     n_relevant: [n_blocks, block] |T_u| as float32.
     mask_row, mask_col: [n_blocks, m] (row in block, item) to exclude; padding row = block.
-    rel_start: [n_blocks, block] where each user's held-out items start in `rel_items`.
-    rel_items: [nnz] every evaluated user's held-out items, sorted within each user.
+    rel_row, rel_col: [n_blocks, r] (row in block, item) held out; padding row = block.
     n_users: number of evaluated users (static).
     n_excluded: users without held-out items, not evaluated (static).
-    search_steps: binary-search steps that cover the longest held-out list (static).
   """
 
   users: jax.Array
@@ -49,11 +49,10 @@ class EvalSet:
   n_relevant: jax.Array
   mask_row: jax.Array
   mask_col: jax.Array
-  rel_start: jax.Array
-  rel_items: jax.Array
+  rel_row: jax.Array
+  rel_col: jax.Array
   n_users: int = struct.field(pytree_node=False)
   n_excluded: int = struct.field(pytree_node=False)
-  search_steps: int = struct.field(pytree_node=False)
 
 
 def block_pairs(pairs: np.ndarray, n_users: int, users: np.ndarray, block: int):
@@ -118,7 +117,7 @@ def build_eval_set(
   pad_free = np.where(valid.reshape(n_blocks, block), users_b, n_users)
   ext = n_users + 1
   mask_row, mask_col = block_pairs(exclude, ext, pad_free, block)
-  indptr, items = to_csr(heldout, n_users)  # items sorted within each user
+  rel_row, rel_col = block_pairs(heldout, ext, pad_free, block)
   return EvalSet(
     users=jnp.asarray(users_b),
     valid=jnp.asarray(valid.reshape(n_blocks, block)),
@@ -127,11 +126,10 @@ def build_eval_set(
     ),
     mask_row=jnp.asarray(mask_row),
     mask_col=jnp.asarray(mask_col),
-    rel_start=jnp.asarray(indptr[padded].reshape(n_blocks, block), jnp.int32),
-    rel_items=jnp.asarray(items, jnp.int32),
+    rel_row=jnp.asarray(rel_row),
+    rel_col=jnp.asarray(rel_col),
     n_users=int(users.size),
     n_excluded=int(n_users - users.size),
-    search_steps=int(np.ceil(np.log2(counts.max() + 1))) + 1,
   )
 
 
@@ -198,60 +196,76 @@ def two_level_top_k(
   return values, jnp.take_along_axis(cand_ids, pos, axis=1)
 
 
-def _sorted_contains(items, start, length, queries, steps: int) -> jax.Array:
-  """Whether each query is in its row's sorted list `items[start:start+length]`.
+def _hits(top_items: jax.Array, rel_row: jax.Array, rel_col: jax.Array) -> jax.Array:
+  """Which of each row's top items are held out: [b, k] bool.
 
-  A binary search with a fixed number of steps, vectorised over the [b, k] queries: no
-  dense [b, n_items] relevance matrix is built (that would be a second pass over as much
-  memory as the scores).
+  Each held-out pair (row, item) looks for its item among its row's k top items, and its
+  match is scattered back: a gather of r rows and one scatter, with no dense
+  [b, n_items] relevance matrix and no per-item search (each costs a pass or a gather
+  per top item, several times this on the CPU).
 
   Args:
-    items: [nnz] concatenated sorted lists.
-    start, length: [b] each row's list.
-    queries: [b, k] item ids.
-    steps: ceil(log2(max length + 1)) + 1.
+    top_items: [b, k] item ids.
+    rel_row, rel_col: [r] held-out pairs (row in block, item); rows >= b are padding.
   """
-  lo = jnp.broadcast_to(start[:, None], queries.shape)
-  hi = lo + length[:, None]
-  last = items.shape[0] - 1
-  for _ in range(steps):
-    mid = (lo + hi) // 2
-    right = (items[jnp.minimum(mid, last)] < queries) & (mid < hi)
-    lo, hi = jnp.where(right, mid + 1, lo), jnp.where(right, hi, mid)
-  inside = lo < (start + length)[:, None]
-  return inside & (items[jnp.minimum(lo, last)] == queries)
+  b, k = top_items.shape
+  match = top_items[jnp.minimum(rel_row, b - 1)] == rel_col[:, None]  # [r, k]
+  found = jnp.zeros((b, k), jnp.int32).at[rel_row].max(match.astype(jnp.int32), mode="drop")
+  return found > 0
 
 
-@functools.partial(jax.jit, static_argnames=("ks",))
-def _evaluate(user_emb, item_emb, es: EvalSet, ks: tuple[int, ...]):
+def top_k_method(*arrays: jax.Array) -> str:
+  """The top-k `evaluate` uses by default for `arrays` (the embeddings and eval set).
+
+  Accelerators: "lax" (`lax.top_k`, fast there). CPU: XLA's `top_k` costs ~6 us a row, so
+  "native" (the FFI kernel of `maxrec.native`) when it is available and everything sits
+  on one device (a custom call cannot be split across a mesh), else "two_level".
+  """
+  if jax.default_backend() != "cpu":
+    return "lax"
+  devices = set()
+  for a in arrays:
+    if isinstance(a, jax.Array):
+      devices |= a.sharding.device_set
+  if len(devices) <= 1 and native.available():
+    return "native"
+  return "two_level"
+
+
+@functools.partial(jax.jit, static_argnames=("ks", "method"))
+def _evaluate(user_emb, item_emb, es: EvalSet, ks: tuple[int, ...], method: str):
   n_items = item_emb.shape[0]
   kmax = min(max(ks), n_items)
-  two_level = jax.default_backend() == "cpu"  # XLA's CPU top_k is slow over many columns
+  two_level = method == "two_level"
   if two_level:  # zero rows up to a whole number of chunks: no padded copy of each block
     item_emb = jnp.pad(item_emb, ((0, -n_items % TOP_K_CHUNK), (0, 0)))
 
   def one_block(carry, xs):
-    users, valid, n_rel, mr, mc, start = xs
+    users, valid, n_rel, mr, mc, rr, rc = xs
     scores = user_emb[users] @ item_emb.T
     scores = scores.at[mr, mc].set(-jnp.inf, mode="drop")
     if two_level:
       top_scores, top_items = two_level_top_k(scores, kmax, TOP_K_CHUNK, n_valid=n_items)
+    elif method == "native":
+      top_scores, top_items = native.top_k(scores, kmax)
     else:
       top_scores, top_items = jax.lax.top_k(scores, kmax)
-    length = n_rel.astype(jnp.int32)
-    found = _sorted_contains(es.rel_items, start, length, top_items, es.search_steps)
-    hits = found & (top_scores > -jnp.inf)
+    hits = _hits(top_items, rr, rc) & (top_scores > -jnp.inf)
     m = _topk_metrics(hits, n_rel, ks)
     return carry + jnp.sum(jnp.where(valid[:, None], m, 0.0), 0), None
 
-  xs = (es.users, es.valid, es.n_relevant, es.mask_row, es.mask_col, es.rel_start)
+  xs = (es.users, es.valid, es.n_relevant, es.mask_row, es.mask_col, es.rel_row, es.rel_col)
   init = jnp.zeros(len(ks) * len(METRICS), jnp.float32)
   total, _ = jax.lax.scan(one_block, init, xs)
   return total / es.n_users
 
 
 def evaluate(
-  user_emb: jax.Array, item_emb: jax.Array, eval_set: EvalSet, ks: tuple[int, ...] = (10, 20, 50)
+  user_emb: jax.Array,
+  item_emb: jax.Array,
+  eval_set: EvalSet,
+  ks: tuple[int, ...] = (10, 20, 50),
+  top_k: str | None = None,
 ) -> dict[str, float]:
   """Mean full-ranking metrics over the evaluated users.
 
@@ -260,10 +274,17 @@ def evaluate(
     item_emb: [n_items, d] final item embeddings (scores are inner products).
     eval_set: from `build_eval_set`.
     ks: cut-offs K.
+    top_k: "lax", "two_level" or "native" (all exact, with the same tie order); default
+      `top_k_method(...)`, the fastest one for where the arrays are.
   Returns:
     {"recall@10": ..., "ndcg@10": ..., ...} as Python floats.
   """
-  values = np.asarray(_evaluate(user_emb, item_emb, eval_set, tuple(ks)))
+  method = top_k or top_k_method(user_emb, item_emb, eval_set.users)
+  if method not in TOP_K_METHODS:
+    raise ValueError(f"top_k={method!r}: choose one of {', '.join(TOP_K_METHODS)}")
+  if method == "native" and not native.available():
+    raise RuntimeError(f"top_k='native', but the CPU kernel is unavailable: {native.why()}")
+  values = np.asarray(_evaluate(user_emb, item_emb, eval_set, tuple(ks), method))
   names = [f"{m}@{k}" for k in ks for m in METRICS]
   return {n: float(v) for n, v in zip(names, values)}
 

@@ -157,11 +157,10 @@ class Trainer:
     split = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(None, sharding.AXIS))
     rep = sharding.replicated(self.mesh)
     return es.replace(
+      **{k: sharding.put(getattr(es, k), split) for k in ("users", "valid", "n_relevant")},
       **{
-        k: sharding.put(getattr(es, k), split)
-        for k in ("users", "valid", "n_relevant", "rel_start")
+        k: sharding.put(getattr(es, k), rep) for k in ("mask_row", "mask_col", "rel_row", "rel_col")
       },
-      **{k: sharding.put(getattr(es, k), rep) for k in ("mask_row", "mask_col", "rel_items")},
     )
 
   def place_batches(self, batches: dict) -> dict:

@@ -129,16 +129,17 @@ def test_popularity_embeddings_score_by_count():
   np.testing.assert_allclose(np.asarray(u @ i.T), [[1, 0, 2], [1, 0, 2]])
 
 
-def test_sorted_contains_against_numpy():
+def test_hits_against_numpy():
+  """Held-out pairs found among each row's top items, with padding pairs (row == b) and
+  rows that hold nothing or everything."""
   rng = np.random.default_rng(3)
-  lists = [np.sort(rng.choice(50, size=n, replace=False)) for n in (0, 1, 5, 17, 50)]
-  start = np.cumsum([0] + [len(x) for x in lists[:-1]])
-  items = jnp.asarray(np.concatenate(lists), jnp.int32)
-  queries = rng.integers(0, 50, size=(5, 30))
-  got = metrics._sorted_contains(
-    items, jnp.asarray(start), jnp.asarray([len(x) for x in lists]), jnp.asarray(queries), 7
-  )
-  want = np.stack([np.isin(q, lst) for q, lst in zip(queries, lists)])
+  b, k, n = 6, 30, 50
+  top = np.stack([rng.choice(n, size=k, replace=False) for _ in range(b)])
+  held = [rng.choice(n, size=m, replace=False) for m in (0, 1, 5, 17, 50, 3)]
+  rows = np.concatenate([np.full(len(h), r) for r, h in enumerate(held)] + [np.full(4, b)])
+  cols = np.concatenate(held + [top[0, :4]])  # padding pairs point at real items
+  got = metrics._hits(jnp.asarray(top), jnp.asarray(rows, jnp.int32), jnp.asarray(cols, jnp.int32))
+  want = np.stack([np.isin(t, h) for t, h in zip(top, held)])
   np.testing.assert_array_equal(got, want)
 
 
