@@ -218,16 +218,19 @@ def top_k_method(*arrays: jax.Array) -> str:
   """The top-k `evaluate` uses by default for `arrays` (the embeddings and eval set).
 
   Accelerators: "lax" (`lax.top_k`, fast there). CPU: XLA's `top_k` costs ~6 us a row, so
-  "native" (the FFI kernel of `maxrec.native`) when it is available and everything sits
-  on one device (a custom call cannot be split across a mesh), else "two_level".
+  "native" (the FFI kernel of `maxrec.native`) when it is available, the embeddings are
+  float32 (its one input type) and everything sits on one device (a custom call cannot
+  be split across a mesh); else "two_level".
   """
   if jax.default_backend() != "cpu":
     return "lax"
-  devices = set()
+  devices, floats = set(), set()
   for a in arrays:
     if isinstance(a, jax.Array):
       devices |= a.sharding.device_set
-  if len(devices) <= 1 and native.available():
+    if jnp.issubdtype(a.dtype, jnp.floating):
+      floats.add(jnp.dtype(a.dtype))
+  if len(devices) <= 1 and floats <= {jnp.dtype(jnp.float32)} and native.available():
     return "native"
   return "two_level"
 

@@ -12,8 +12,10 @@ is False, a warning says why once, and evaluation uses the pure-XLA two-level to
 
 Environment:
   MAXREC_NATIVE_TOP_K: "0" never builds or uses the kernel.
-  MAXREC_CACHE_DIR: where the built library is kept (default ~/.cache/maxrec).
-  CXX: the C++ compiler (default g++, then c++, then clang++).
+  MAXREC_CACHE: where the built library is kept, beside downloaded data sets (default
+    ~/.cache/maxrec).
+  CXX: the C++ compiler, possibly with arguments ("ccache g++"; default g++, then c++,
+    then clang++).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import hashlib
 import os
 import pathlib
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -35,6 +38,8 @@ import jaxlib
 import numpy as np
 from absl import logging
 
+from maxrec.datasets import default_cache_dir
+
 TARGET = "maxrec_top_k"
 SOURCE = pathlib.Path(__file__).with_name("top_k.cc")
 FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-march=native")
@@ -43,10 +48,17 @@ _lock = threading.Lock()
 _state: dict = {}  # "ok": bool, "why": str, "path": str (set once, under _lock)
 
 
-def _compiler() -> str | None:
-  for name in (os.environ.get("CXX"), "g++", "c++", "clang++"):
-    if name and shutil.which(name):
-      return shutil.which(name)
+def _compiler() -> list[str] | None:
+  """The compiler command: $CXX when set (an error if it is not found), else the first
+  of g++, c++, clang++ on the PATH."""
+  if os.environ.get("CXX"):
+    cmd = shlex.split(os.environ["CXX"])
+    if not cmd or shutil.which(cmd[0]) is None:
+      raise FileNotFoundError(f"CXX={os.environ['CXX']!r}: no such compiler on the PATH")
+    return [shutil.which(cmd[0]), *cmd[1:]]
+  for name in ("g++", "c++", "clang++"):
+    if shutil.which(name):
+      return [shutil.which(name)]
   return None
 
 
@@ -63,26 +75,26 @@ def _cpu_id() -> str:
   return platform.machine() + flags
 
 
-def library_path(cxx: str) -> pathlib.Path:
+def library_path(cxx: list[str]) -> pathlib.Path:
   """Where the library built by `cxx` from the current source for this machine lives."""
   h = hashlib.sha256()
-  for part in (SOURCE.read_bytes(), jaxlib.__version__.encode(), cxx.encode(),
+  for part in (SOURCE.read_bytes(), jaxlib.__version__.encode(), " ".join(cxx).encode(),
                " ".join(FLAGS).encode(), _cpu_id().encode()):  # fmt: skip
     h.update(part)
-  root = pathlib.Path(os.environ.get("MAXREC_CACHE_DIR", "~/.cache/maxrec")).expanduser()
-  return root / f"top_k-{h.hexdigest()[:16]}.so"
+  return pathlib.Path(default_cache_dir()).expanduser() / f"top_k-{h.hexdigest()[:16]}.so"
 
 
-def _build(cxx: str, out: pathlib.Path) -> None:
+def _build(cxx: list[str], out: pathlib.Path) -> None:
   """Compiles the kernel to `out` (atomically: concurrent builds cannot tear it)."""
   out.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+  fd, tmp = tempfile.mkstemp(suffix=".so.tmp", dir=out.parent)
   os.close(fd)
-  cmd = [cxx, *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp]
+  cmd = [*cxx, *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp]
   try:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     if proc.returncode != 0:
       raise RuntimeError(f"`{' '.join(cmd)}` failed:\n{proc.stderr[-2000:]}")
+    os.chmod(tmp, 0o755)  # mkstemp's 0600 would hide it from other users of the cache
     os.replace(tmp, out)
   finally:
     if os.path.exists(tmp):
@@ -93,17 +105,23 @@ def _load() -> None:
   if os.environ.get("MAXREC_NATIVE_TOP_K", "1") == "0":
     _state.update(ok=False, why="MAXREC_NATIVE_TOP_K=0")
     return
-  cxx = _compiler()
-  if cxx is None:
-    _state.update(ok=False, why="no C++ compiler found (set CXX, or install g++)")
-    return
   try:
+    cxx = _compiler()
+    if cxx is None:
+      _state.update(ok=False, why="no C++ compiler found (set CXX, or install g++)")
+      return
     path = library_path(cxx)
-    if not path.exists():
-      t0 = time.perf_counter()
-      _build(cxx, path)
-      logging.info("built the CPU top-k kernel in %.1f s: %s", time.perf_counter() - t0, path)
-    lib = ctypes.cdll.LoadLibrary(str(path))
+    for attempt in range(2):
+      if attempt or not path.exists():  # a cached library that does not load is rebuilt
+        t0 = time.perf_counter()
+        _build(cxx, path)
+        logging.info("built the CPU top-k kernel in %.1f s: %s", time.perf_counter() - t0, path)
+      try:
+        lib = ctypes.cdll.LoadLibrary(str(path))
+        break
+      except OSError:
+        if attempt:
+          raise
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.MaxrecTopK), platform="cpu")
   except Exception as e:  # noqa: BLE001 -- any failure means: use the XLA path
     _state.update(ok=False, why=f"{type(e).__name__}: {e}")
@@ -122,7 +140,7 @@ def available() -> bool:
       if not _state["ok"]:
         logging.warning(
           "CPU top-k kernel unavailable (%s); evaluation uses the XLA two-level top-k, "
-          "which is slower on the CPU but gives the same results.",
+          "which is slower on the CPU (the same results for NaN-free scores).",
           _state["why"],
         )
     return _state["ok"]
@@ -145,6 +163,11 @@ def top_k(scores: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
   Returns:
     (values [..., k] float32, ids [..., k] int32), best first.
   """
+  if jax.default_backend() != "cpu":
+    raise RuntimeError(
+      f"the native top-k runs on the CPU only (backend: {jax.default_backend()}); "
+      "use jax.lax.top_k there."
+    )
   if not available():
     raise RuntimeError(f"the CPU top-k kernel is unavailable: {why()}")
   if scores.dtype != jnp.float32 or scores.ndim < 1:

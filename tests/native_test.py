@@ -1,5 +1,9 @@
 """The CPU top-k kernel against `lax.top_k`, bit for bit, and its fallback."""
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,7 +31,16 @@ def _same(got, want):
 
 @pytest.mark.parametrize(
   "rows,cols,k",
-  [(37, 40981, 50), (16, 1000, 1), (9, 192, 5), (7, 130, 50), (5, 64, 64), (3, 50, 50), (4, 7, 3)],
+  [
+    (37, 40981, 50),
+    (16, 1000, 1),
+    (9, 192, 5),
+    (7, 130, 50),
+    (6, 128, 50),
+    (5, 64, 64),
+    (3, 50, 50),
+    (4, 7, 3),
+  ],  # fmt: skip
 )
 def test_equals_lax_top_k_on_masked_scores_with_ties(rows, cols, k):
   rng = np.random.default_rng(rows * cols + k)
@@ -60,6 +73,18 @@ def test_rejects_bad_arguments():
     native.top_k(jnp.zeros((2, 8), jnp.int32), 2)
 
 
+def test_other_float_types_evaluate_without_the_kernel():
+  """The kernel takes float32 only: bfloat16 embeddings evaluate by the XLA path."""
+  rng = np.random.default_rng(1)
+  pairs = np.unique(np.stack([rng.integers(0, 40, 900), rng.integers(0, 300, 900)], 1), axis=0)
+  es = metrics.build_eval_set(pairs[::4], np.delete(pairs, np.s_[::4], 0), 40)
+  users = jnp.asarray(np.round(rng.normal(size=(40, 4)) * 2), jnp.bfloat16)
+  items = jnp.asarray(np.round(rng.normal(size=(300, 4)) * 2), jnp.bfloat16)
+  assert metrics.top_k_method(users, items, es.users) == "two_level"
+  got = metrics.evaluate(users, items, es)
+  assert got == metrics.evaluate(users.astype(jnp.float32), items.astype(jnp.float32), es)
+
+
 def test_evaluation_is_the_same_with_every_top_k():
   rng = np.random.default_rng(0)
   n_users, n_items = 300, 2000
@@ -84,8 +109,8 @@ def test_failed_build_falls_back_with_a_warning(monkeypatch, tmp_path, caplog):
   broken.write_text("#!/bin/sh\necho 'no such compiler today' >&2\nexit 1\n")
   broken.chmod(0o755)
   monkeypatch.setattr(native, "_state", {})
-  monkeypatch.setenv("CXX", str(broken))
-  monkeypatch.setenv("MAXREC_CACHE_DIR", str(tmp_path / "cache"))
+  monkeypatch.setenv("CXX", f"{broken} -v")  # a command with arguments
+  monkeypatch.setenv("MAXREC_CACHE", str(tmp_path / "cache"))
   with caplog.at_level("WARNING"):
     assert not native.available()
   assert "no such compiler today" in native.why()
@@ -94,6 +119,26 @@ def test_failed_build_falls_back_with_a_warning(monkeypatch, tmp_path, caplog):
   assert metrics.top_k_method(users, items) == "two_level"
   with pytest.raises(RuntimeError, match="no such compiler today"):
     native.top_k(items, 2)
+  assert not list((tmp_path / "cache").iterdir())  # no partial library left behind
+  monkeypatch.setenv("CXX", "no-such-compiler-here")
+  monkeypatch.setattr(native, "_state", {})
+  assert not native.available() and "no-such-compiler-here" in native.why()
   monkeypatch.setenv("MAXREC_NATIVE_TOP_K", "0")
   monkeypatch.setattr(native, "_state", {})
   assert not native.available() and native.why() == "MAXREC_NATIVE_TOP_K=0"
+
+
+def test_a_cached_library_that_does_not_load_is_rebuilt(tmp_path):
+  """(In a new process: a process registers the kernel once.)"""
+  code = (
+    "from maxrec import native\n"
+    "path = native.library_path(native._compiler())\n"
+    "path.parent.mkdir(parents=True)\n"
+    "path.write_bytes(b'not a shared library')  # as after a crash mid-copy\n"
+    "assert native.available(), native.why()\n"
+    "assert path.stat().st_size > 1000 and path.stat().st_mode & 0o055 == 0o055\n"
+    "print('rebuilt')\n"
+  )
+  env = {**os.environ, "MAXREC_CACHE": str(tmp_path / "cache")}
+  r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+  assert r.returncode == 0 and "rebuilt" in r.stdout, r.stderr[-2000:]
