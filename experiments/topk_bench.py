@@ -81,9 +81,8 @@ def main(argv):
     ),
     f"two-level top-k (chunk {fv.chunk})": lambda x: two_level_top_k(x, k, fv.chunk)[0].sum(),
   }
-  if (
-    jax.default_backend() == "cpu" and native.available()
-  ):  # the C++ kernel of maxrec/top_k.cc, as evaluation uses it on CPU
+  # The C++ kernel of maxrec/top_k.cc, as evaluation uses it on the CPU.
+  if jax.default_backend() == "cpu" and native.available():
     got = native.top_k(s, k)
     assert all(bool((a == b).all()) for a, b in zip(want, got)), "native top-k differs"
     variants["native top-k kernel (top_k.cc)"] = lambda x: native.top_k(x, k)[0].sum()

@@ -235,24 +235,37 @@ def top_k_method(*arrays: jax.Array) -> str:
   return "two_level"
 
 
+def select_top_k(scores: jax.Array, k: int, method: str, n_valid: int | None = None):
+  """`lax.top_k(scores[:, :n_valid], k)` by `method` (see `top_k_method`): all three give
+  the same values and ids (the two-level one for NaN-free scores).
+
+  Args:
+    scores: [b, m] float; columns from `n_valid` on are padding ("two_level" only, whose
+      table is padded to whole chunks).
+    k: how many to return per row.
+    method: "lax", "two_level" or "native".
+  Returns:
+    (values [b, k], ids [b, k]), best first.
+  """
+  if method == "two_level":
+    return two_level_top_k(scores, k, TOP_K_CHUNK, n_valid=n_valid)
+  if method == "native":
+    return native.top_k(scores, k)
+  return jax.lax.top_k(scores, k)
+
+
 @functools.partial(jax.jit, static_argnames=("ks", "method"))
 def _evaluate(user_emb, item_emb, es: EvalSet, ks: tuple[int, ...], method: str):
   n_items = item_emb.shape[0]
   kmax = min(max(ks), n_items)
-  two_level = method == "two_level"
-  if two_level:  # zero rows up to a whole number of chunks: no padded copy of each block
+  if method == "two_level":  # zero rows up to whole chunks: no padded copy of each block
     item_emb = jnp.pad(item_emb, ((0, -n_items % TOP_K_CHUNK), (0, 0)))
 
   def one_block(carry, xs):
     users, valid, n_rel, mr, mc, rr, rc = xs
     scores = user_emb[users] @ item_emb.T
     scores = scores.at[mr, mc].set(-jnp.inf, mode="drop")
-    if two_level:
-      top_scores, top_items = two_level_top_k(scores, kmax, TOP_K_CHUNK, n_valid=n_items)
-    elif method == "native":
-      top_scores, top_items = native.top_k(scores, kmax)
-    else:
-      top_scores, top_items = jax.lax.top_k(scores, kmax)
+    top_scores, top_items = select_top_k(scores, kmax, method, n_valid=n_items)
     hits = _hits(top_items, rr, rc) & (top_scores > -jnp.inf)
     m = _topk_metrics(hits, n_rel, ks)
     return carry + jnp.sum(jnp.where(valid[:, None], m, 0.0), 0), None
@@ -285,8 +298,6 @@ def evaluate(
   method = top_k or top_k_method(user_emb, item_emb, eval_set.users)
   if method not in TOP_K_METHODS:
     raise ValueError(f"top_k={method!r}: choose one of {', '.join(TOP_K_METHODS)}")
-  if method == "native" and not native.available():
-    raise RuntimeError(f"top_k='native', but the CPU kernel is unavailable: {native.why()}")
   values = np.asarray(_evaluate(user_emb, item_emb, eval_set, tuple(ks), method))
   names = [f"{m}@{k}" for k in ks for m in METRICS]
   return {n: float(v) for n, v in zip(names, values)}

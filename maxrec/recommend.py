@@ -19,9 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from maxrec import native
 from maxrec.data import Dataset, to_csr
-from maxrec.metrics import block_pairs, top_k_method
+from maxrec.metrics import block_pairs, select_top_k, top_k_method
 
 MODEL_FILE = "model.npz"
 
@@ -99,11 +98,11 @@ def load_model(path: str) -> SavedModel:
     )
 
 
-@functools.partial(jax.jit, static_argnames=("k", "native_top_k"))
-def _topk_block(user_emb, item_emb, mask_row, mask_col, k, native_top_k):
+@functools.partial(jax.jit, static_argnames=("k", "method"))
+def _topk_block(user_emb, item_emb, mask_row, mask_col, k, method):
   scores = user_emb @ item_emb.T
   scores = scores.at[mask_row, mask_col].set(-jnp.inf, mode="drop")
-  return native.top_k(scores, k) if native_top_k else jax.lax.top_k(scores, k)
+  return select_top_k(scores, k, method)
 
 
 def recommend(model: SavedModel, users=None, k: int = 10, batch_size: int = 1024) -> list[tuple]:
@@ -124,7 +123,8 @@ def recommend(model: SavedModel, users=None, k: int = 10, batch_size: int = 1024
     [np.repeat(np.arange(n_users), np.diff(model.seen_indptr)), model.seen_items], 1
   ).astype(np.int64)
   item_emb = jnp.asarray(model.item_emb)
-  use_native = top_k_method(item_emb) == "native"  # the same lists, faster on the CPU
+  # The same lists by any method; on the CPU the native kernel is faster than lax.top_k.
+  method = "native" if top_k_method(model.user_emb, item_emb) == "native" else "lax"
   rows = []
   for start in range(0, len(dense), batch_size):
     block = dense[start : start + batch_size]
@@ -140,7 +140,7 @@ def recommend(model: SavedModel, users=None, k: int = 10, batch_size: int = 1024
       jnp.asarray(mask_row[0]),
       jnp.asarray(mask_col[0]),
       k,
-      use_native,
+      method,
     )
     scores, items = np.asarray(scores), np.asarray(items)
     for r, u in enumerate(block):

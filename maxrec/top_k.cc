@@ -128,16 +128,6 @@ void RowTopK(const float* s, int64_t n, int64_t k, float* values, int32_t* cols,
   }
 }
 
-void Rows(const float* s, int64_t lo, int64_t hi, int64_t n, int64_t k, float* values,
-          int32_t* cols) {
-  std::vector<int32_t> maxima, order;
-  std::vector<Candidate> cand;
-  cand.reserve(4 * k);
-  for (int64_t r = lo; r < hi; ++r) {
-    RowTopK(s + r * n, n, k, values + r * k, cols + r * k, maxima, order, cand);
-  }
-}
-
 // Rows handed out in tasks of kRowsPerTask through an atomic cursor. The calling thread
 // works too and then waits only for tasks already started, so a busy or absent pool
 // costs speed, never a deadlock. Late pool tasks find no rows and touch nothing.
@@ -151,12 +141,16 @@ struct Work {
   std::atomic<bool> failed{false};  // an exception (out of memory) in some task
 
   void Drain() {
+    std::vector<int32_t> maxima, order;  // scratch, reused by every row this thread takes
+    std::vector<Candidate> cand;
     for (;;) {
       const int64_t lo = next.fetch_add(kRowsPerTask);
       if (lo >= rows) return;
       const int64_t hi = std::min(rows, lo + kRowsPerTask);
       try {
-        Rows(s, lo, hi, n, k, values, cols);
+        for (int64_t r = lo; r < hi; ++r) {
+          RowTopK(s + r * n, n, k, values + r * k, cols + r * k, maxima, order, cand);
+        }
       } catch (...) {  // reported by the handler; the rows still count as done
         failed.store(true);
       }
