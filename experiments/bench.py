@@ -5,10 +5,11 @@
 
 --scale=gowalla builds a Gowalla-sized problem with the built-in generator (29,858 users x
 40,981 items, about 810k training interactions, d = 64, batch 2048; no download) and
-measures, in this order: MF-BPR epoch (the default lazy Adam), full-ranking evaluation of
-every test user (with the default top-k -- on the CPU the native kernel -- and with XLA's
-two-level top-k) against the bare score matmul of the same shapes, MF-BPR epoch with plain
-SGD (`--optimizer=sgd --learning_rate=20`, implicit's update rule), LightGCN epoch,
+measures, in this order: MF-BPR epoch (the default lazy Adam; on the CPU the fused native
+step), full-ranking evaluation of every test user (with the default top-k -- on the CPU
+the native kernel -- and with XLA's two-level top-k) against the bare score matmul of the
+same shapes, the MF-BPR epoch again with XLA's row-sparse step (when the default was the
+native one), MF-BPR epoch with plain SGD (`--optimizer=sgd --learning_rate=20`, implicit's update rule), LightGCN epoch,
 fixed-weight and meta-learning epochs of the default method, and implicit's C++ BPR on
 the same data when `implicit` is installed (`pip install -e '.[bench]'`). Peak RSS is read
 after the MF run and its evaluation. Times are medians over epochs after compilation,
@@ -91,6 +92,7 @@ def time_epochs(cfg, ds, timed: int) -> dict:
     "warmup_epochs": warm,
     "steps_per_epoch": trainer.n_batches,
     "compilations": trainer.run_steps._cache_size(),
+    "sparse_kernel": trainer.sparse_kernel,
   }
   if trainer.meta is not None:
     out["meta_steps_timed"] = trainer.meta.count - meta_before
@@ -211,6 +213,10 @@ def main(argv):
       r.update(time_eval(trainer, ds))
     r["peak_rss_mib"] = _rss_mib()  # the MF run and its evaluation, before anything else
     del trainer
+  if "mf" in only and r["mf"]["sparse_kernel"] == "native":  # the XLA step, for the gain
+    xla = base.replace(model="mf", weighting="none", sparse_kernel="xla")
+    res, _ = time_epochs(xla, ds, fv.mf_timed_epochs)
+    r["mf_xla"], r["mf_xla_epoch_s"] = res, res["epoch_s"]
   if "mf" in only:  # the same with plain SGD: implicit's update rule
     sgd = base.replace(model="mf", weighting="none", optimizer="sgd", learning_rate=20.0)
     res, _ = time_epochs(sgd, ds, fv.mf_timed_epochs)
@@ -241,6 +247,7 @@ def main(argv):
 def _report(r: dict, scale: str) -> None:
   rows = [
     ("mf_epoch_s", "MF-BPR epoch (lazy Adam)"),
+    ("mf_xla_epoch_s", "  the same, XLA row-sparse step"),
     ("mf_sgd_epoch_s", "MF-BPR epoch (SGD)"),
     ("lightgcn_epoch_s", "LightGCN (3 layers) epoch"),
     ("eval_s", "full-ranking evaluation, all users"),
@@ -275,7 +282,7 @@ def _report(r: dict, scale: str) -> None:
   for label, value, target in checks:
     if value is not None:
       print(f"{label:<40}{value:>10.2f}x   ({target})")
-  for key in ("mf", "mf_sgd", "lightgcn", "fixed", "meta"):
+  for key in ("mf", "mf_xla", "mf_sgd", "lightgcn", "fixed", "meta"):
     if key in r:
       print(f"{key}: compile {r[key]['compile_s']:.1f}s, compilations {r[key]['compilations']}")
 

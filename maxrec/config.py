@@ -19,6 +19,7 @@ PROPAGATIONS = ("bcsr", "segment")
 WEIGHTINGS = ("none", "fixed", "uncertainty", "meta", "replay")
 HYPERGRADS = ("cg", "neumann", "unrolled", "first_order")
 METRIC_NAMES = ("recall", "ndcg", "precision", "hit", "mrr")
+SPARSE_KERNELS = ("auto", "native", "xla")
 
 
 def _f(default: Any, help: str, choices: tuple | None = None, **kw) -> Any:
@@ -180,6 +181,13 @@ class TrainConfig:
     "MF without auxiliary tasks: update only the rows a batch touches, with lazy Adam or "
     "SGD (maxrec/sparse.py); --nosparse_updates for the dense update.",
   )
+  sparse_kernel: str = _f(
+    "auto",
+    "Kernel of the row-sparse MF step: native (one fused C++ call, maxrec/bpr_step.cc, "
+    "built on first use; one CPU device only), xla (XLA ops), or auto: native on one CPU "
+    "device when it builds, else xla. The two agree up to float rounding.",
+    SPARSE_KERNELS,
+  )
   mesh_devices: int = _f(
     0,
     "Devices of the data-parallel mesh: tables sharded by rows, batches split across them. "
@@ -210,6 +218,7 @@ class TrainConfig:
     _check(len(self.topk) >= 1 and all(k >= 1 for k in self.topk), "--topk needs positive K.")
     _check_choice("on_nonfinite", self.on_nonfinite, ("skip", "stop"))
     _check_choice("optimizer", self.optimizer, ("adam", "sgd"))
+    _check_choice("sparse_kernel", self.sparse_kernel, SPARSE_KERNELS)
     _check(self.mesh_devices >= 0, f"--mesh_devices={self.mesh_devices} must be >= 0.")
     name, _, k = self.early_stop_metric.partition("@")
     _check(

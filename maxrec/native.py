@@ -1,17 +1,23 @@
-"""The CPU top-k kernel (`maxrec/top_k.cc`): built on first use, called through XLA's FFI.
+"""MAXRec's native CPU kernels, built on first use and called through XLA's FFI.
 
-Full-ranking evaluation on the CPU spends most of its time selecting the top K of every
-user's 41k scores, where XLA's `lax.top_k` is slow. `top_k.cc` does that selection in two
-passes over each row (the second from cache) and returns exactly `lax.top_k`'s values and
-ids, ties and NaNs included. It is compiled once per machine and jaxlib version with the
+Two hot spots of a CPU run are slow as XLA ops and are written in C++:
+
+- `top_k.cc`: the top K of every user's scores in full-ranking evaluation, where XLA's
+  `lax.top_k` is slow. Two passes over each row (the second from cache); exactly
+  `lax.top_k`'s values and ids, ties and NaNs included.
+- `bpr_step.cc`: one row-sparse MF-BPR step (lazy Adam or SGD): the gather, BPR gradient,
+  sum over repeated rows and in-place update of the batch's rows, fused. The XLA version
+  (`maxrec.sparse`) runs them as a dozen single-threaded passes over [3B, d] buffers.
+
+Both are compiled into one library, once per machine and jaxlib version, with the
 system's C++ compiler against the FFI headers that ship in jaxlib, cached, and registered
-as the XLA custom call `maxrec_top_k`.
+as the XLA custom calls `maxrec_top_k` and `maxrec_bpr_step`.
 
-Nothing depends on it: without a compiler (or with `MAXREC_NATIVE_TOP_K=0`) `available()`
-is False, a warning says why once, and evaluation uses the pure-XLA two-level top-k.
+Nothing depends on them: without a compiler (or with `MAXREC_NATIVE=0`) `available()` is
+False, a warning says why once, and evaluation and training use their pure-XLA paths.
 
 Environment:
-  MAXREC_NATIVE_TOP_K: "0" never builds or uses the kernel.
+  MAXREC_NATIVE: "0" never builds or uses the kernels.
   MAXREC_CACHE: where the built library is kept, beside downloaded data sets (default
     ~/.cache/maxrec).
   CXX: the C++ compiler, possibly with arguments ("ccache g++"; default g++, then c++,
@@ -40,9 +46,12 @@ from absl import logging
 
 from maxrec.datasets import default_cache_dir
 
-TARGET = "maxrec_top_k"
-SOURCE = pathlib.Path(__file__).with_name("top_k.cc")
-FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-march=native")
+# XLA custom-call target -> the handler symbol that the library exports.
+TARGETS = {"maxrec_top_k": "MaxrecTopK", "maxrec_bpr_step": "MaxrecBprStep"}
+SOURCES = tuple(pathlib.Path(__file__).with_name(f) for f in ("top_k.cc", "bpr_step.cc"))
+# -fno-math-errno lets the compiler vectorise sqrt (the Adam update).
+FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-march=native", "-fno-math-errno")
+ENV = "MAXREC_NATIVE"
 
 _lock = threading.Lock()
 _state: dict = {}  # "ok": bool, "why": str, "path": str (set once, under _lock)
@@ -76,20 +85,20 @@ def _cpu_id() -> str:
 
 
 def library_path(cxx: list[str]) -> pathlib.Path:
-  """Where the library built by `cxx` from the current source for this machine lives."""
+  """Where the library built by `cxx` from the current sources for this machine lives."""
   h = hashlib.sha256()
-  for part in (SOURCE.read_bytes(), jaxlib.__version__.encode(), " ".join(cxx).encode(),
-               " ".join(FLAGS).encode(), _cpu_id().encode()):  # fmt: skip
+  for part in (*(f.read_bytes() for f in SOURCES), jaxlib.__version__.encode(),
+               " ".join(cxx).encode(), " ".join(FLAGS).encode(), _cpu_id().encode()):  # fmt: skip
     h.update(part)
-  return pathlib.Path(default_cache_dir()).expanduser() / f"top_k-{h.hexdigest()[:16]}.so"
+  return pathlib.Path(default_cache_dir()).expanduser() / f"native-{h.hexdigest()[:16]}.so"
 
 
 def _build(cxx: list[str], out: pathlib.Path) -> None:
-  """Compiles the kernel to `out` (atomically: concurrent builds cannot tear it)."""
+  """Compiles the kernels to `out` (atomically: concurrent builds cannot tear it)."""
   out.parent.mkdir(parents=True, exist_ok=True)
   fd, tmp = tempfile.mkstemp(suffix=".so.tmp", dir=out.parent)
   os.close(fd)
-  cmd = [*cxx, *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp]
+  cmd = [*cxx, *FLAGS, f"-I{jax.ffi.include_dir()}", *map(str, SOURCES), "-o", tmp]
   try:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     if proc.returncode != 0:
@@ -102,8 +111,8 @@ def _build(cxx: list[str], out: pathlib.Path) -> None:
 
 
 def _load() -> None:
-  if os.environ.get("MAXREC_NATIVE_TOP_K", "1") == "0":
-    _state.update(ok=False, why="MAXREC_NATIVE_TOP_K=0")
+  if os.environ.get(ENV, "1") == "0":
+    _state.update(ok=False, why=f"{ENV}=0")
     return
   try:
     cxx = _compiler()
@@ -115,14 +124,15 @@ def _load() -> None:
       if attempt or not path.exists():  # a cached library that does not load is rebuilt
         t0 = time.perf_counter()
         _build(cxx, path)
-        logging.info("built the CPU top-k kernel in %.1f s: %s", time.perf_counter() - t0, path)
+        logging.info("built the native CPU kernels in %.1f s: %s", time.perf_counter() - t0, path)
       try:
         lib = ctypes.cdll.LoadLibrary(str(path))
         break
       except OSError:
         if attempt:
           raise
-    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.MaxrecTopK), platform="cpu")
+    for target, symbol in TARGETS.items():
+      jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
   except Exception as e:  # noqa: BLE001 -- any failure means: use the XLA path
     _state.update(ok=False, why=f"{type(e).__name__}: {e}")
     return
@@ -130,7 +140,7 @@ def _load() -> None:
 
 
 def available() -> bool:
-  """Whether the CPU top-k kernel is built and registered (builds it on the first call).
+  """Whether the native kernels are built and registered (builds them on the first call).
 
   When it cannot be, a warning gives the reason once and the answer stays False.
   """
@@ -139,16 +149,26 @@ def available() -> bool:
       _load()
       if not _state["ok"]:
         logging.warning(
-          "CPU top-k kernel unavailable (%s); evaluation uses the XLA two-level top-k, "
-          "which is slower on the CPU (the same results for NaN-free scores).",
+          "native CPU kernels unavailable (%s); evaluation uses the XLA two-level top-k "
+          "and MF training XLA's row-sparse step, which are slower on the CPU (the same "
+          "results for NaN-free scores, up to float rounding in training).",
           _state["why"],
         )
     return _state["ok"]
 
 
 def why() -> str:
-  """Why the kernel is unavailable ("" when it is available or not yet tried)."""
+  """Why the kernels are unavailable ("" when they are available or not yet tried)."""
   return _state.get("why", "")
+
+
+def _require(what: str, instead: str) -> None:
+  if jax.default_backend() != "cpu":
+    raise RuntimeError(
+      f"{what} runs on the CPU only (backend: {jax.default_backend()}); {instead}."
+    )
+  if not available():
+    raise RuntimeError(f"{what} is unavailable: {why()}")
 
 
 def top_k(scores: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
@@ -163,21 +183,56 @@ def top_k(scores: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
   Returns:
     (values [..., k] float32, ids [..., k] int32), best first.
   """
-  if jax.default_backend() != "cpu":
-    raise RuntimeError(
-      f"the native top-k runs on the CPU only (backend: {jax.default_backend()}); "
-      "use jax.lax.top_k there."
-    )
-  if not available():
-    raise RuntimeError(f"the CPU top-k kernel is unavailable: {why()}")
+  _require("the native top-k", "use jax.lax.top_k there")
   if scores.dtype != jnp.float32 or scores.ndim < 1:
     raise TypeError(f"native top_k takes float32 scores [..., n], got {scores.dtype}{scores.shape}")
   if not 1 <= k <= scores.shape[-1]:
     raise ValueError(f"k={k} must be between 1 and the {scores.shape[-1]} columns")
   out = scores.shape[:-1] + (k,)
   call = jax.ffi.ffi_call(
-    TARGET,
+    "maxrec_top_k",
     (jax.ShapeDtypeStruct(out, jnp.float32), jax.ShapeDtypeStruct(out, jnp.int32)),
     vmap_method="broadcast_all",  # the kernel takes any leading dimensions as rows
   )
   return tuple(call(scores, k=np.int64(k)))
+
+
+def bpr_step(
+  table, scratch, ids, count, scale, *, adam: bool, lr: float, l2_reg: float,
+  b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+):  # fmt: skip
+  """One fused row-sparse MF-BPR step on the CPU (`bpr_step.cc`), in place.
+
+  The same step as `maxrec.sparse.sparse_mf_step` (adam=True) or `sparse_sgd_step`,
+  up to float rounding: the loss `mean softplus(s_uj - s_ui) + l2_reg/(2B) Σ|e|²` of the
+  batch's rows, its gradient summed over repeated rows, and the update of each touched
+  row. A step whose loss is not finite writes nothing.
+
+  Args:
+    table: [n, 3d] float32 rows of (θ, m, v) for Adam, [n, d] of θ for SGD. Updated in
+      place when the caller donates it (inside a loop it is the loop's carry).
+    scratch: [n] int32 work table (its contents do not matter), returned for reuse.
+    ids: [3B] int32 row ids: users, positives, negatives (`sparse.batch_rows`).
+    count: int32 scalar, Adam's step count before this step (t = count + 1).
+    scale: float32 scalar multiplying the loss (1; a test hook injects NaN with it).
+    adam, lr, l2_reg, b1, b2, eps: the optimizer (optax.adam's meaning of eps).
+  Returns:
+    (table, scratch, [3] float32 (loss, bpr, l2)); the loss is scaled, the parts not.
+  """
+  _require("the native MF-BPR step", "use maxrec.sparse's XLA step there")
+  if table.dtype != jnp.float32 or table.ndim != 2:
+    raise TypeError(f"native bpr_step takes a float32 [n, w] table, got {table.dtype}{table.shape}")
+  call = jax.ffi.ffi_call(
+    "maxrec_bpr_step",
+    (
+      jax.ShapeDtypeStruct(table.shape, jnp.float32),
+      jax.ShapeDtypeStruct(scratch.shape, jnp.int32),
+      jax.ShapeDtypeStruct((3,), jnp.float32),
+    ),
+    input_output_aliases={0: 0, 1: 1},
+  )
+  return call(
+    table, scratch, ids.astype(jnp.int32), jnp.asarray(count, jnp.int32),
+    jnp.asarray(scale, jnp.float32), adam=np.int64(adam), lr=np.float32(lr),
+    l2_reg=np.float32(l2_reg), b1=np.float32(b1), b2=np.float32(b2), eps=np.float32(eps),
+  )  # fmt: skip

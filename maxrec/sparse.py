@@ -27,6 +27,9 @@ summed without a sort: every occurrence writes its position into an int32 scratc
 indexed by row id, so all occurrences of a row read back the same position (whichever
 write won), which then sums their gradients in a small [k, d] buffer and alone writes the
 row (`representatives`).
+
+On the CPU the same step runs by default as one fused native call (`native_sparse_step`,
+`maxrec/bpr_step.cc`), tested against the XLA steps here.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from maxrec import losses
+from maxrec import losses, native
 
 
 class LazyAdamState(NamedTuple):
@@ -182,3 +185,24 @@ def sparse_mf_step(slab, count, scratch, batch, n_users: int, l2_reg, lr, scale=
   count = count + ok.astype(count.dtype)
   slab, scratch = lazy_adam_rows(slab, ids, grads, count, lr, rows=rows, scratch=scratch, apply=ok)
   return slab, count, scratch, {"loss": loss, **parts}, ok
+
+
+def native_sparse_step(
+  table, count, scratch, batch, n_users: int, l2_reg, lr, scale=1.0, *, adam: bool = True
+):  # fmt: skip
+  """`sparse_mf_step` (adam) or `sparse_sgd_step` as one fused native CPU call.
+
+  The same update up to float rounding (the kernel sums in another order); see
+  `maxrec.native.bpr_step`. SGD ignores `count` and returns it unchanged.
+
+  Returns:
+    (table, count, scratch, loss parts, ok), as `sparse_mf_step`.
+  """
+  ids = batch_rows(batch, n_users)
+  table, scratch, out = native.bpr_step(
+    table, scratch, ids, count, scale, adam=adam, lr=lr, l2_reg=l2_reg
+  )
+  ok = jnp.isfinite(out[0])
+  if adam:
+    count = count + ok.astype(count.dtype)
+  return table, count, scratch, {"loss": out[0], "bpr": out[1], "l2": out[2]}, ok

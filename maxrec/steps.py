@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from maxrec import auxiliary, sharding, sparse
+from maxrec import auxiliary, native, sharding, sparse
 from maxrec import meta as meta_lib
 from maxrec.config import Config
 from maxrec.objective import Objective, init_aux_params
@@ -139,15 +139,22 @@ def run_steps_fn(objective: Objective, tx, aux_tx=None, inject_nan_at: int = -1)
 
 
 def sparse_run_steps_fn(
-  l2_reg: float, learning_rate: float, inject_nan_at: int = -1, optimizer: str = "adam"
+  l2_reg: float,
+  learning_rate: float,
+  inject_nan_at: int = -1,
+  optimizer: str = "adam",
+  kernel: str = "xla",
 ):
   """`run_steps` for MF without auxiliary tasks, updating only the touched rows with lazy
   Adam or SGD (`maxrec.sparse`); same signature as `run_steps_fn`'s, graph and weights
-  unused.
+  unused. `kernel`: "xla" (the XLA step) or "native" (the fused CPU kernel, the same
+  update up to float rounding).
 
   The steps work on one node table, built at the start of the call and split back into
   `params` (and, for Adam, `opt_state`) at its end: [U + I, 3d] rows of (θ, m, v) for
   Adam, [U + I, d] rows of θ for SGD (whose optax state is empty and left as it is)."""
+  if kernel not in ("xla", "native"):
+    raise ValueError(f"kernel={kernel!r}: use 'xla' or 'native'")
 
   def run_steps(state: TrainState, graph, weights, batches, start, count):
     del graph, weights
@@ -156,12 +163,20 @@ def sparse_run_steps_fn(
       table = sparse.to_slab(state.params, state.opt_state)
       opt = (state.opt_state.count, jnp.zeros((table.shape[0],), jnp.int32))
     else:
-      table, opt = sparse.node_table(state.params), ()
+      table = sparse.node_table(state.params)
+      opt = (jnp.zeros((), jnp.int32), jnp.zeros((table.shape[0],), jnp.int32))
     zero = {"loss": 0.0, "bpr": 0.0, "l2": 0.0, "good": 0.0}
     sums = jax.tree.map(lambda x: jnp.zeros((), table.dtype), zero)
     step0 = state.step - start
 
     def step(table, opt, batch, scale):
+      if kernel == "native":
+        n, scratch = opt
+        table, n, scratch, parts, ok = sparse.native_sparse_step(
+          table, n, scratch, batch, n_users, l2_reg, learning_rate, scale,
+          adam=optimizer == "adam",
+        )  # fmt: skip
+        return table, (n, scratch), parts, ok
       if optimizer == "adam":
         n, scratch = opt
         table, n, scratch, parts, ok = sparse.sparse_mf_step(
@@ -244,6 +259,27 @@ def uses_sparse_updates(cfg: Config) -> bool:
   """MF without auxiliary tasks has a row-sparse gradient: train it with lazy Adam or SGD
   on the touched rows only."""
   return cfg.train.sparse_updates and cfg.model.model == "mf" and not cfg.aux.tasks
+
+
+def resolve_sparse_kernel(choice: str, sharded: bool) -> str:
+  """The row-sparse MF step's kernel for `--sparse_kernel=choice`: "native" (the fused
+  CPU kernel, `maxrec.native.bpr_step`) or "xla". "auto" is native on one CPU device when
+  the kernel builds (else a warning from `native.available` and xla)."""
+  on_cpu = jax.default_backend() == "cpu"
+  if choice == "native":
+    if not on_cpu or sharded:
+      where = "tables sharded over a mesh" if sharded else f"backend {jax.default_backend()}"
+      raise ValueError(
+        f"--sparse_kernel=native runs on one CPU device only ({where}); use auto or xla."
+      )
+    if not native.available():
+      raise RuntimeError(
+        f"--sparse_kernel=native: the native kernels are unavailable: {native.why()}"
+      )
+    return "native"
+  if choice == "auto" and on_cpu and not sharded and native.available():
+    return "native"
+  return "xla"
 
 
 def init_state(model, tx, key, aux_params=None, aux_tx=None, pad_to=None) -> TrainState:

@@ -31,6 +31,7 @@ from maxrec.steps import (
   initial_aux_params,
   make_objective,
   make_run_steps,
+  resolve_sparse_kernel,
   run_steps_fn,
   sparse_run_steps_fn,
   uses_sparse_updates,
@@ -81,10 +82,15 @@ class Trainer:
     true_size = make_model(cfg.model, ds.n_users, ds.n_items)  # the same initial values
     self.state = init_state(true_size, tx, key, aux_params, aux_tx, pad_to=(n_users, n_items))
     inject = cfg.train.inject_nan_at_step
+    self.sparse_kernel = None  # "native" or "xla" for row-sparse MF
     if uses_sparse_updates(cfg):
       if cfg.train.optimizer == "adam":
         self.state = self.state.replace(opt_state=sparse.lazy_adam_init(self.state.params))
-      fn = sparse_run_steps_fn(cfg.train.l2_reg, lr, inject, cfg.train.optimizer)
+      self.sparse_kernel = resolve_sparse_kernel(cfg.train.sparse_kernel, self.mesh is not None)
+      logging.info("row-sparse MF step: %s kernel", self.sparse_kernel)
+      fn = sparse_run_steps_fn(
+        cfg.train.l2_reg, lr, inject, cfg.train.optimizer, kernel=self.sparse_kernel
+      )
     else:
       fn = run_steps_fn(self.objective, tx, aux_tx, inject)
     self._tables = {n_users, n_items, n_users + n_items}

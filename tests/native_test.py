@@ -1,4 +1,5 @@
-"""The CPU top-k kernel against `lax.top_k`, bit for bit, and its fallback."""
+"""The CPU top-k kernel against `lax.top_k`, bit for bit, and the native kernels' build
+and fallback (the fused MF step is tested in sparse_test.py)."""
 
 import os
 import subprocess
@@ -9,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from maxrec import metrics, native
+from maxrec import metrics, native, steps
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -123,9 +124,12 @@ def test_failed_build_falls_back_with_a_warning(monkeypatch, tmp_path, caplog):
   monkeypatch.setenv("CXX", "no-such-compiler-here")
   monkeypatch.setattr(native, "_state", {})
   assert not native.available() and "no-such-compiler-here" in native.why()
-  monkeypatch.setenv("MAXREC_NATIVE_TOP_K", "0")
+  assert steps.resolve_sparse_kernel("auto", sharded=False) == "xla"  # training falls back too
+  with pytest.raises(RuntimeError, match="no-such-compiler-here"):
+    steps.resolve_sparse_kernel("native", sharded=False)
+  monkeypatch.setenv("MAXREC_NATIVE", "0")
   monkeypatch.setattr(native, "_state", {})
-  assert not native.available() and native.why() == "MAXREC_NATIVE_TOP_K=0"
+  assert not native.available() and native.why() == "MAXREC_NATIVE=0"
 
 
 def test_a_cached_library_that_does_not_load_is_rebuilt(tmp_path):

@@ -1,4 +1,5 @@
-"""Row-sparse MF training: lazy Adam against dense optax.adam, and the fast path end to end."""
+"""Row-sparse MF training: lazy Adam against dense optax.adam, the fast path end to end,
+and the fused native step against the XLA one."""
 
 import jax
 import jax.numpy as jnp
@@ -6,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from maxrec import data, sparse, steps, train
+from maxrec import data, native, sparse, steps, train
 from maxrec.config import Config
 
 
@@ -110,3 +111,146 @@ def test_sparse_sgd_equals_dense_sgd_when_most_rows_are_untouched():
   np.testing.assert_allclose(p_sparse["user"], p_dense["user"], rtol=1e-5, atol=1e-7)
   np.testing.assert_allclose(p_sparse["item"], p_dense["item"], rtol=1e-5, atol=1e-7)
   assert l_sparse == pytest.approx(l_dense, rel=1e-5)
+
+
+# The fused native step (maxrec/bpr_step.cc) against the XLA steps above.
+
+needs_native = pytest.mark.skipif(
+  native._compiler() is None, reason="no C++ compiler: the native kernels cannot be built here"
+)
+
+
+def _native_ready():
+  """Where a compiler exists (CI, this machine) the kernels must build: an error, not a skip."""
+  assert native.available(), native.why()
+
+
+def _batch(rng, n_users, n_items, b):
+  """A batch with repeated users and items shared between positives and negatives."""
+  return {
+    "user": jnp.asarray(rng.integers(n_users, size=b), jnp.int32),
+    "pos": jnp.asarray(rng.integers(n_items, size=b), jnp.int32),
+    "neg": jnp.asarray(rng.integers(n_items, size=b), jnp.int32),
+  }
+
+
+@needs_native
+@pytest.mark.parametrize("adam", [True, False])
+@pytest.mark.parametrize("d,b", [(8, 300), (5, 7)])  # vector lanes and a scalar tail;
+def test_native_step_equals_the_xla_step(adam, d, b):  # 300 triples span 3 pool chunks
+  """Each step from the same state (so rounding differences do not compound): the same
+  loss parts, count and updated table up to float rounding."""
+  _native_ready()
+  rng = np.random.default_rng(d)
+  nu, ni, lr, l2 = 23, 31, (0.01 if adam else 0.5), 0.03
+  theta = jnp.asarray(rng.normal(scale=0.3, size=(nu + ni, d)), jnp.float32)
+  table = jnp.concatenate([theta, jnp.zeros((nu + ni, 2 * d))], 1) if adam else theta
+  scratch = jnp.full((nu + ni,), 7, jnp.int32)  # stale contents must not matter
+  count = jnp.int32(0)
+  for _ in range(4):
+    batch = _batch(rng, nu, ni, b)
+    if adam:
+      want, count_w, _, parts_w, ok_w = sparse.sparse_mf_step(
+        table, count, scratch, batch, nu, l2, lr
+      )
+    else:
+      (want, parts_w, ok_w), count_w = sparse.sparse_sgd_step(table, batch, nu, l2, lr), count
+    got, count_g, scratch, parts_g, ok_g = sparse.native_sparse_step(
+      table, count, scratch, batch, nu, l2, lr, adam=adam
+    )
+    assert bool(ok_g) and bool(ok_w) and int(count_g) == int(count_w)
+    for k in ("loss", "bpr", "l2"):
+      assert float(parts_g[k]) == pytest.approx(float(parts_w[k]), rel=1e-5), k
+    # m and v are linear in the summed gradients: close. Adam's θ step is lr · m̂ / √v̂,
+    # whose size stays near lr even where a row's summed gradient nearly cancels and float
+    # rounding dominates it, so θ is compared to a fraction of lr.
+    np.testing.assert_allclose(got[:, d:], want[:, d:], rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(got[:, :d], want[:, :d], rtol=1e-4, atol=0.01 * lr if adam else 1e-6)
+    table, count = want, count_w
+  assert not np.allclose(table[:, :d], theta)  # it trained
+
+
+@needs_native
+def test_native_step_is_deterministic_and_skips_a_nonfinite_loss():
+  _native_ready()
+  rng = np.random.default_rng(3)
+  nu, ni, d = 40, 60, 16
+  table = jnp.asarray(rng.normal(size=(nu + ni, 3 * d)), jnp.float32)
+  batch = _batch(rng, nu, ni, 1000)  # chunks shared out over the thread pool
+  scratch = jnp.zeros((nu + ni,), jnp.int32)
+  run = jax.jit(lambda t, s, c: sparse.native_sparse_step(t, c, s, batch, nu, 1e-4, 0.01)[:4])
+  a, b = run(table, scratch, jnp.int32(2)), run(table, scratch, jnp.int32(2))
+  np.testing.assert_array_equal(a[0], b[0])  # bit for bit, whatever thread took a chunk
+  assert int(a[1]) == 3
+  out, count, _, parts, ok = sparse.native_sparse_step(
+    table, jnp.int32(2), scratch, batch, nu, 1e-4, 0.01, scale=jnp.nan
+  )
+  assert not bool(ok) and np.isnan(float(parts["loss"])) and int(count) == 2
+  np.testing.assert_array_equal(out, table)  # nothing written
+
+
+@needs_native
+def test_native_step_rejects_bad_input():
+  _native_ready()
+  table, scratch = jnp.zeros((10, 6)), jnp.zeros((10,), jnp.int32)
+  bad = jnp.asarray([0, 1, 10], jnp.int32)  # row 10 of a 10-row table
+  with pytest.raises(Exception, match="out of range"):
+    jax.block_until_ready(
+      native.bpr_step(table, scratch, bad, 0, 1.0, adam=True, lr=0.1, l2_reg=0.0)
+    )
+  with pytest.raises(Exception, match=r"\[n, 3d\]"):
+    jax.block_until_ready(
+      native.bpr_step(jnp.zeros((10, 5)), scratch, bad - 1, 0, 1.0, adam=True, lr=0.1, l2_reg=0.0)
+    )
+  with pytest.raises(TypeError, match="float32"):
+    native.bpr_step(
+      table.astype(jnp.bfloat16), scratch, bad - 1, 0, 1.0, adam=True, lr=0.1, l2_reg=0.0
+    )
+
+
+@needs_native
+@pytest.mark.parametrize("optimizer,lr", [("adam", 0.01), ("sgd", 5.0)])
+def test_trainer_native_and_xla_kernels_agree(optimizer, lr):
+  """Whole epochs through the Trainer, a NaN step included: the same model and the same
+  skipped step with either kernel."""
+  _native_ready()
+  from maxrec.readers import RawInteractions
+
+  rng = np.random.default_rng(0)
+  pairs = np.unique(np.stack([rng.integers(60, size=600), rng.integers(80, size=600)], 1), axis=0)
+  raw = RawInteractions(pairs[:, 0], pairs[:, 1], source="test")
+  kw = dict(
+    weighting="none", optimizer=optimizer, learning_rate=lr, batch_size=32,
+    split_ratios=(1.0, 0.0, 0.0), inject_nan_at_step=5,
+  )  # fmt: skip
+  finals = []
+  for kernel in ("native", "xla"):
+    cfg = Config.from_flat(**kw, sparse_kernel=kernel)
+    tr = train.Trainer(cfg, data.build_dataset(raw, cfg.data, seed=0))
+    assert tr.sparse_kernel == kernel
+    for _ in range(3):
+      sums, _ = tr.epoch()
+    s = tr.state
+    finals.append(
+      (jax.device_get(s.params), float(sums["loss"]), int(s.bad_steps), int(s.first_bad_step))
+    )
+  (p_n, l_n, bad_n, first_n), (p_x, l_x, bad_x, first_x) = finals
+  assert (bad_n, first_n) == (bad_x, first_x) == (1, 5)
+  # Rounding differences compound over the epochs (Adam's step has size ~lr even for a
+  # gradient that rounding dominates); a wrong update would move rows by ~lr per step.
+  for k in ("user", "item"):
+    np.testing.assert_allclose(
+      p_n[k], p_x[k], rtol=1e-3, atol=1e-4 if optimizer == "adam" else 1e-6
+    )
+  assert l_n == pytest.approx(l_x, rel=1e-5)
+
+
+def test_sparse_kernel_choice():
+  assert steps.resolve_sparse_kernel("xla", sharded=False) == "xla"
+  assert steps.resolve_sparse_kernel("auto", sharded=True) == "xla"
+  with pytest.raises(ValueError, match="one CPU device only"):
+    steps.resolve_sparse_kernel("native", sharded=True)
+  if native.available():
+    assert steps.resolve_sparse_kernel("auto", sharded=False) == "native"
+  with pytest.raises(ValueError, match="--sparse_kernel='fast'"):
+    Config.from_flat(sparse_kernel="fast")
