@@ -61,7 +61,13 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t n, const Fn& fn) {
   struct Shared {
     std::atomic<int64_t> next{0}, done{0};
   };
-  auto shared = std::make_shared<Shared>();
+  std::shared_ptr<Shared> shared;
+  try {
+    shared = std::make_shared<Shared>();
+  } catch (const std::bad_alloc&) {  // no memory for the pool's bookkeeping: run alone
+    for (int64_t lo = 0; lo < n; lo += kChunk) fn(lo, std::min(n, lo + kChunk));
+    return;
+  }
   // A helper that starts after the work is done finds no chunk and never calls fn (a
   // reference into the caller's frame); `shared` lives on in the helper's copy.
   auto drain = [shared, n, fnp = &fn] {
@@ -75,11 +81,17 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t n, const Fn& fn) {
   };
   const int64_t tasks = (n + kChunk - 1) / kChunk;
   // The pool has a thread per core and the caller is one more thread: pool.num_threads()
-  // - 1 helpers keep to one thread per core. One more thread would be preempted holding a
-  // chunk now and then, and the others would wait out its time slice (measured: epochs
-  // of 0.25 s or 0.50 s from run to run with num_threads() helpers on 2 cores).
+  // - 1 helpers keep to one thread per core, so that a helper is not preempted while
+  // holding a chunk that the others then wait for. (On 2 cores, 1 or 2 helpers gave the
+  // same epoch times in A/B runs: 0.17-0.21 s.)
   const int64_t helpers = std::min<int64_t>(pool.num_threads() - 1, tasks - 1);
-  for (int64_t t = 0; t < helpers; ++t) pool.Schedule(decltype(drain)(drain));
+  for (int64_t t = 0; t < helpers; ++t) {
+    try {
+      pool.Schedule(decltype(drain)(drain));
+    } catch (const std::bad_alloc&) {  // the caller does the rest
+      break;
+    }
+  }
   drain();
   while (shared->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
 }
@@ -130,7 +142,7 @@ struct Scratch {  // per calling thread, reused from step to step
   std::vector<double> bpr, l2;  // per-chunk partial sums (a fixed order: deterministic)
 };
 
-ffi::Error BprStep(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32> table_in,
+ffi::Error BprStepImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> table_in,
                        ffi::Buffer<ffi::S32> scratch_in, ffi::Buffer<ffi::S32> ids_buf,
                        ffi::Buffer<ffi::S32> count_buf, ffi::Buffer<ffi::F32> scale_buf,
                        ffi::ResultBuffer<ffi::F32> table_out,
@@ -171,11 +183,16 @@ ffi::Error BprStep(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32> table_in,
   const float scale = scale_buf.typed_data()[0];
 
   thread_local Scratch s;
-  s.grads.resize(k * d);
-  float* grads = s.grads.data();
   const int64_t chunks = (batch + kChunk - 1) / kChunk;
-  s.bpr.assign(chunks, 0.0);
-  s.l2.assign(chunks, 0.0);
+  try {  // an exception must not cross the FFI boundary (ParallelFor handles its own)
+    s.grads.resize(k * d);
+    s.bpr.assign(chunks, 0.0);
+    s.l2.assign(chunks, 0.0);
+    s.uniq.reserve(k);  // push_back below never reallocates
+  } catch (const std::bad_alloc&) {
+    return ffi::Error(ffi::ErrorCode::kResourceExhausted, "maxrec_bpr_step: out of memory");
+  }
+  float* grads = s.grads.data();
   // The lambdas below run on other threads too, where `s` names another thread's
   // instance: they use these pointers only.
   double* bpr_part = s.bpr.data();
@@ -276,23 +293,6 @@ ffi::Error BprStep(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32> table_in,
     });
   }
   return ffi::Error::Success();
-}
-
-// The handler: an exception must not cross the FFI boundary, and the only one possible
-// is running out of memory for the per-thread buffers (pool tasks allocate nothing).
-ffi::Error BprStepImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> table_in,
-                       ffi::Buffer<ffi::S32> scratch_in, ffi::Buffer<ffi::S32> ids_buf,
-                       ffi::Buffer<ffi::S32> count_buf, ffi::Buffer<ffi::F32> scale_buf,
-                       ffi::ResultBuffer<ffi::F32> table_out,
-                       ffi::ResultBuffer<ffi::S32> scratch_out,
-                       ffi::ResultBuffer<ffi::F32> parts, int64_t adam, float lr, float l2_reg,
-                       float b1, float b2, float eps) {
-  try {
-    return BprStep(pool, table_in, scratch_in, ids_buf, count_buf, scale_buf, table_out,
-                   scratch_out, parts, adam, lr, l2_reg, b1, b2, eps);
-  } catch (const std::bad_alloc&) {
-    return ffi::Error(ffi::ErrorCode::kResourceExhausted, "maxrec_bpr_step: out of memory");
-  }
 }
 
 }  // namespace
