@@ -16,7 +16,7 @@
 // Table layout: row r of a [n, w] float32 table is θ_r (w = d, SGD) or (θ_r, m_r, v_r)
 // (w = 3d, lazy Adam), users first, then items. The update of a touched row:
 //   SGD:  θ <- θ - lr g
-//   Adam: m <- b1 m + (1 - b1) g ; v <- b2 v + (1 - b2) g² ;
+//   Adam: m <- b1 m + c1 g ; v <- b2 v + c2 g²  (c = 1 - b, rounded from double) ;
 //         θ <- θ - lr (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)      (optax.adam)
 // with g the row's summed gradient and t = count + 1.
 //
@@ -148,7 +148,7 @@ ffi::Error BprStepImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> table_in,
                        ffi::ResultBuffer<ffi::F32> table_out,
                        ffi::ResultBuffer<ffi::S32> scratch_out,
                        ffi::ResultBuffer<ffi::F32> parts, int64_t adam, float lr, float l2_reg,
-                       float b1, float b2, float eps) {
+                       float b1, float b2, float c1, float c2, float eps) {
   auto tdims = table_in.dimensions();
   if (tdims.size() != 2) return ffi::Error::InvalidArgument("maxrec_bpr_step: table must be [n, w]");
   const int64_t n = tdims[0], w = tdims[1];
@@ -236,8 +236,10 @@ ffi::Error BprStepImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> table_in,
     bpr += bpr_part[c];
     l2 += l2_part[c];
   }
-  const float bpr_mean = static_cast<float>(bpr / batch);
-  const float l2_term = static_cast<float>(l2_reg * l2 / (2.0 * batch));
+  // The batch sums are rounded to float32 before the rest, as the XLA step computes
+  // them: a sum beyond float32's range is inf there too, so both skip the same steps.
+  const float bpr_mean = static_cast<float>(bpr) / static_cast<float>(batch);
+  const float l2_term = l2_reg * static_cast<float>(l2) / (2.0f * static_cast<float>(batch));
   const float loss = (bpr_mean + l2_term) * scale;
   float* out = parts->typed_data();
   out[0] = loss;
@@ -273,8 +275,8 @@ ffi::Error BprStepImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> table_in,
         float* v = th + 2 * d;
         const float* g = grads + p * d;
         for (int64_t c = 0; c < d; ++c) {
-          const float mc = b1 * m[c] + (1 - b1) * g[c];
-          const float vc = b2 * v[c] + (1 - b2) * g[c] * g[c];
+          const float mc = b1 * m[c] + c1 * g[c];
+          const float vc = b2 * v[c] + c2 * g[c] * g[c];
           m[c] = mc;
           v[c] = vc;
           th[c] -= lr * (mc / bc1) / (std::sqrt(vc / bc2) + eps);
@@ -313,4 +315,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MaxrecBprStep, BprStepImpl,
                                   .Attr<float>("l2_reg")
                                   .Attr<float>("b1")
                                   .Attr<float>("b2")
+                                  .Attr<float>("c1")  // 1 - b1, rounded from double as
+                                  .Attr<float>("c2")  // optax's (1 - b) constants are
                                   .Attr<float>("eps"));

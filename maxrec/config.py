@@ -185,7 +185,8 @@ class TrainConfig:
     "auto",
     "Kernel of the row-sparse MF step: native (one fused C++ call, maxrec/bpr_step.cc, "
     "built on first use; one CPU device only), xla (XLA ops), or auto: native on one CPU "
-    "device when it builds, else xla. The two agree up to float rounding.",
+    "device when it builds, else xla. The two agree up to float rounding (and on which "
+    "steps are skipped as non-finite).",
     SPARSE_KERNELS,
   )
   mesh_devices: int = _f(
@@ -369,6 +370,12 @@ class Config:
       not (self.aux.weighting == "uncertainty" and self.train.optimizer == "sgd"),
       "--weighting=uncertainty learns its log-variances with Adam at --learning_rate: "
       "use --optimizer=adam.",
+    )
+    sparse_mf = self.train.sparse_updates and self.model.model == "mf" and not self.aux.tasks
+    _check(
+      self.train.sparse_kernel != "native" or sparse_mf,
+      "--sparse_kernel=native is the row-sparse MF step: it needs --model=mf, "
+      "--weighting=none and --sparse_updates (use auto or xla otherwise).",
     )
 
   @property

@@ -17,7 +17,8 @@ Nothing depends on them: without a compiler (or with `MAXREC_NATIVE=0`) `availab
 False, a warning says why once, and evaluation and training use their pure-XLA paths.
 
 Environment:
-  MAXREC_NATIVE: "0" never builds or uses the kernels.
+  MAXREC_NATIVE: "0" never builds or uses the kernels (MAXREC_NATIVE_TOP_K=0, its
+    earlier name, too).
   MAXREC_CACHE: where the built library is kept, beside downloaded data sets (default
     ~/.cache/maxrec).
   CXX: the C++ compiler, possibly with arguments ("ccache g++"; default g++, then c++,
@@ -111,9 +112,10 @@ def _build(cxx: list[str], out: pathlib.Path) -> None:
 
 
 def _load() -> None:
-  if os.environ.get(ENV, "1") == "0":
-    _state.update(ok=False, why=f"{ENV}=0")
-    return
+  for env in (ENV, "MAXREC_NATIVE_TOP_K"):  # the second: its name before the MF kernel
+    if os.environ.get(env, "1") == "0":
+      _state.update(ok=False, why=f"{env}=0")
+      return
   try:
     cxx = _compiler()
     if cxx is None:
@@ -222,6 +224,14 @@ def bpr_step(
   _require("the native MF-BPR step", "use maxrec.sparse's XLA step there")
   if table.dtype != jnp.float32 or table.ndim != 2:
     raise TypeError(f"native bpr_step takes a float32 [n, w] table, got {table.dtype}{table.shape}")
+  if scratch.dtype != jnp.int32 or scratch.shape != table.shape[:1]:
+    raise TypeError(f"scratch must be int32 [{table.shape[0]}], got {scratch.dtype}{scratch.shape}")
+  if not jnp.issubdtype(ids.dtype, jnp.integer) or ids.ndim != 1 or ids.shape[0] % 3:
+    raise TypeError(f"ids must be integer [3B] (users, pos, neg), got {ids.dtype}{ids.shape}")
+  if jnp.ndim(count) or jnp.ndim(scale):
+    raise TypeError(
+      f"count and scale must be scalars, got shapes {jnp.shape(count)}, {jnp.shape(scale)}"
+    )
   call = jax.ffi.ffi_call(
     "maxrec_bpr_step",
     (
@@ -234,5 +244,6 @@ def bpr_step(
   return call(
     table, scratch, ids.astype(jnp.int32), jnp.asarray(count, jnp.int32),
     jnp.asarray(scale, jnp.float32), adam=np.int64(adam), lr=np.float32(lr),
-    l2_reg=np.float32(l2_reg), b1=np.float32(b1), b2=np.float32(b2), eps=np.float32(eps),
+    l2_reg=np.float32(l2_reg), b1=np.float32(b1), b2=np.float32(b2), c1=np.float32(1 - b1),
+    c2=np.float32(1 - b2), eps=np.float32(eps),
   )  # fmt: skip

@@ -136,8 +136,8 @@ def _batch(rng, n_users, n_items, b):
 
 @needs_native
 @pytest.mark.parametrize("adam", [True, False])
-@pytest.mark.parametrize("d,b", [(8, 300), (5, 7)])  # vector lanes and a scalar tail;
-def test_native_step_equals_the_xla_step(adam, d, b):  # 300 triples span 3 pool chunks
+@pytest.mark.parametrize("d,b", [(8, 300), (5, 7), (17, 1500)])  # 8-lane vectors, a scalar
+def test_native_step_equals_the_xla_step(adam, d, b):  # tail, both; up to 12 pool chunks
   """Each step from the same state (so rounding differences do not compound): the same
   loss parts, count and updated table up to float rounding."""
   _native_ready()
@@ -171,6 +171,43 @@ def test_native_step_equals_the_xla_step(adam, d, b):  # 300 triples span 3 pool
 
 
 @needs_native
+def test_native_adam_moments_use_optax_constants():
+  """One step from zero moments without repeated rows: m = (1 - b1) g and v = (1 - b2) g²
+  with optax's constants, 1 - b rounded from double (1 - float32(0.999) is 1.3e-5 off)."""
+  _native_ready()
+  rng = np.random.default_rng(5)
+  nu, ni, d = 4, 8, 8
+  table = jnp.concatenate(
+    [jnp.asarray(rng.normal(size=(nu + ni, d)), jnp.float32), jnp.zeros((nu + ni, 2 * d))], 1
+  )
+  batch = {"user": jnp.arange(4), "pos": jnp.arange(4), "neg": jnp.arange(4, 8)}
+  scratch, count = jnp.zeros((nu + ni,), jnp.int32), jnp.int32(0)
+  want = sparse.sparse_mf_step(table, count, scratch, batch, nu, 0.0, 0.01)[0]
+  got = sparse.native_sparse_step(table, count, scratch, batch, nu, 0.0, 0.01)[0]
+  np.testing.assert_allclose(got[:, d:], want[:, d:], rtol=2e-6, atol=0)
+
+
+@needs_native
+@pytest.mark.parametrize("l2", [1e-4, 0.0])
+def test_native_and_xla_steps_skip_the_same_overflowing_step(l2):
+  """Rows so large that the batch's float32 loss sums overflow: both steps skip (with
+  l2 = 0 the XLA loss is 0 · inf = NaN, skipped too)."""
+  _native_ready()
+  rng = np.random.default_rng(6)
+  nu, ni, d = 30, 40, 16
+  theta = jnp.asarray(rng.choice([-2e17, 2e17], size=(nu + ni, d)), jnp.float32)
+  table = jnp.concatenate([theta, jnp.zeros((nu + ni, 2 * d))], 1)
+  batch = _batch(rng, nu, ni, 2000)
+  scratch, count = jnp.zeros((nu + ni,), jnp.int32), jnp.int32(0)
+  _, _, _, parts_w, ok_w = sparse.sparse_mf_step(table, count, scratch, batch, nu, l2, 0.01)
+  got, count_g, _, parts_g, ok_g = sparse.native_sparse_step(
+    table, count, scratch, batch, nu, l2, 0.01
+  )
+  assert not bool(ok_w) and not bool(ok_g) and int(count_g) == 0
+  np.testing.assert_array_equal(got, table)
+
+
+@needs_native
 def test_native_step_is_deterministic_and_skips_a_nonfinite_loss():
   _native_ready()
   rng = np.random.default_rng(3)
@@ -201,6 +238,18 @@ def test_native_step_rejects_bad_input():
   with pytest.raises(Exception, match=r"\[n, 3d\]"):
     jax.block_until_ready(
       native.bpr_step(jnp.zeros((10, 5)), scratch, bad - 1, 0, 1.0, adam=True, lr=0.1, l2_reg=0.0)
+    )
+  with pytest.raises(TypeError, match="scratch must be int32"):
+    native.bpr_step(
+      table, scratch.astype(jnp.float32), bad - 1, 0, 1.0, adam=True, lr=0.1, l2_reg=0.0
+    )
+  with pytest.raises(TypeError, match="ids must be integer"):
+    native.bpr_step(
+      table, scratch, jnp.zeros((2, 3), jnp.int32), 0, 1.0, adam=True, lr=0.1, l2_reg=0.0
+    )
+  with pytest.raises(TypeError, match="scalars"):
+    native.bpr_step(
+      table, scratch, bad - 1, jnp.zeros(2, jnp.int32), 1.0, adam=True, lr=0.1, l2_reg=0.0
     )
   with pytest.raises(TypeError, match="float32"):
     native.bpr_step(
@@ -254,3 +303,6 @@ def test_sparse_kernel_choice():
     assert steps.resolve_sparse_kernel("auto", sharded=False) == "native"
   with pytest.raises(ValueError, match="--sparse_kernel='fast'"):
     Config.from_flat(sparse_kernel="fast")
+  for other in ({"model": "lightgcn"}, {"weighting": "fixed"}, {"sparse_updates": False}):
+    with pytest.raises(ValueError, match="--sparse_kernel=native is the row-sparse MF step"):
+      Config.from_flat(**{"weighting": "none", "sparse_kernel": "native", **other})
