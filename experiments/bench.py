@@ -9,8 +9,8 @@ measures, in this order: MF-BPR epoch (the default lazy Adam; on the CPU the fus
 step), full-ranking evaluation of every test user (with the default top-k -- on the CPU
 the native kernel -- and with XLA's two-level top-k) against the bare score matmul of the
 same shapes, the MF-BPR epoch again with XLA's row-sparse step (when the default was the
-native one), MF-BPR epoch with plain SGD (`--optimizer=sgd --learning_rate=20`, implicit's update rule), LightGCN epoch,
-fixed-weight and meta-learning epochs of the default method, and implicit's C++ BPR on
+native one), MF-BPR epoch with plain SGD (`--optimizer=sgd --learning_rate=20`,
+implicit's update rule), LightGCN epoch, fixed-weight and meta-learning epochs of the default method, and implicit's C++ BPR on
 the same data when `implicit` is installed (`pip install -e '.[bench]'`). Peak RSS is read
 after the MF run and its evaluation. Times are medians over epochs after compilation,
 which is timed apart; the meta-learning epoch is a mean, because its meta steps come every

@@ -371,12 +371,17 @@ class Config:
       "--weighting=uncertainty learns its log-variances with Adam at --learning_rate: "
       "use --optimizer=adam.",
     )
-    sparse_mf = self.train.sparse_updates and self.model.model == "mf" and not self.aux.tasks
     _check(
-      self.train.sparse_kernel != "native" or sparse_mf,
+      self.train.sparse_kernel != "native" or self.sparse_mf,
       "--sparse_kernel=native is the row-sparse MF step: it needs --model=mf, "
       "--weighting=none and --sparse_updates (use auto or xla otherwise).",
     )
+
+  @property
+  def sparse_mf(self) -> bool:
+    """MF without auxiliary tasks has a row-sparse gradient: with --sparse_updates it is
+    trained on the touched rows only (`maxrec.sparse`)."""
+    return self.train.sparse_updates and self.model.model == "mf" and not self.aux.tasks
 
   @property
   def meta_ratio(self) -> float:

@@ -164,7 +164,9 @@ def sparse_run_steps_fn(
       opt = (state.opt_state.count, jnp.zeros((table.shape[0],), jnp.int32))
     else:
       table = sparse.node_table(state.params)
+      # The native step needs a scratch table (and takes a count that SGD ignores).
       opt = (jnp.zeros((), jnp.int32), jnp.zeros((table.shape[0],), jnp.int32))
+      opt = opt if kernel == "native" else ()
     zero = {"loss": 0.0, "bpr": 0.0, "l2": 0.0, "good": 0.0}
     sums = jax.tree.map(lambda x: jnp.zeros((), table.dtype), zero)
     step0 = state.step - start
@@ -258,7 +260,7 @@ def make_run_steps(objective: Objective, tx, aux_tx=None, fn=None):
 def uses_sparse_updates(cfg: Config) -> bool:
   """MF without auxiliary tasks has a row-sparse gradient: train it with lazy Adam or SGD
   on the touched rows only."""
-  return cfg.train.sparse_updates and cfg.model.model == "mf" and not cfg.aux.tasks
+  return cfg.sparse_mf
 
 
 def resolve_sparse_kernel(choice: str, sharded: bool) -> str:
