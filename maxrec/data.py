@@ -227,6 +227,16 @@ def build_dataset(
   split = cfg.split
   if split == "auto":
     split = "presplit" if fold is not None else "random"
+  ratios = ",".join(f"{r:g}" for r in cfg.split_ratios)
+  summary["split_how"] = {
+    "presplit": f"the given train/test files, --valid_ratio={cfg.valid_ratio:g} of each "
+    "user's training items for validation",
+    "random": f"each user's interactions at random by --split_ratios={ratios}",
+    "temporal": f"each user's interactions by time by --split_ratios={ratios}",
+    "loo": "each user's last interaction for test, the one before for validation",
+  }.get(split, "")
+  if split == "random" and cfg.split == "auto" and raw.source.endswith("train.txt"):
+    summary["split_how"] += " (train.txt has no test.txt beside it)"
   rng = np.random.default_rng(seed if cfg.split_seed is None else cfg.split_seed)
   part = _split(u, i, ts, fold, n_users, cfg, split, rng)
   pairs = np.stack([u, i], 1).astype(np.int32)
@@ -285,11 +295,17 @@ def load_dataset(cfg: DataConfig, *, seed: int = 0, meta_ratio: float = 0.0) -> 
   return build_dataset(load_raw(cfg), cfg, seed=seed, meta_ratio=meta_ratio)
 
 
+def _split_words(summary: dict) -> str:
+  """How the split was made, with the flag that sets it."""
+  split, how = summary["split"], summary.get("split_how", "")
+  return f"{split} split{': ' + how if how else ''}"
+
+
 def describe(ds: Dataset) -> str:
   """A short human-readable summary, logged at the start of a run."""
   s = ds.summary
   lines = [
-    f"data: {s['source']} ({s['split']} split)",
+    f"data: {s['source']} ({_split_words(s)})",
     f"  {s['n_users']:,} users x {s['n_items']:,} items, {s['n_interactions']:,} interactions, "
     f"density {s['density']:.4%}",
     f"  train {s['n_train']:,} | meta {s['n_meta']:,} | valid {s['n_valid']:,} | "

@@ -30,7 +30,8 @@ class RawInteractions:
     item: [n] raw item ids.
     rating: [n] float64 ratings, or None when the source has none.
     timestamp: [n] float64 timestamps, or None.
-    fold: [n] int8, 0 = train and 2 = test for pre-split sources, else None.
+    fold: [n] int8, 0 = train and 2 = test for pre-split sources (a LightGCN folder with
+      both train.txt and test.txt), else None.
     extra_users: raw ids of users listed without any interaction (LightGCN format).
     source: the file(s) read.
     blank_lines: blank lines skipped.
@@ -139,22 +140,35 @@ def _read_adjacency(path: str, fold: int):
   return user, item, np.full(len(user), fold, np.int8), lone, blank
 
 
-def read_lightgcn(folder: str) -> RawInteractions:
-  """The LightGCN/NGCF split: `train.txt` and `test.txt` in `folder`, one user per line."""
-  if not os.path.isdir(folder):
-    raise DataError(f"{folder}: the LightGCN format needs a folder with train.txt and test.txt.")
-  files = [(os.path.join(folder, name), fold) for name, fold in (("train.txt", 0), ("test.txt", 2))]
-  for p, _ in files:
-    if not os.path.exists(p):
-      raise DataError(f"{p}: no such file; the LightGCN format needs train.txt and test.txt.")
+def read_lightgcn(path: str) -> RawInteractions:
+  """The LightGCN/NGCF format: one user per line, `user item item ...`.
+
+  `path` is a folder with `train.txt` and, optionally, `test.txt`, or one such file. With
+  both files the rows carry their fold (0 train, 2 test: a given split); a folder without
+  `test.txt`, or a single file, has no fold and is split per user like any other source.
+  """
+  if os.path.isfile(path):
+    files = [(path, 0)]
+  elif os.path.isdir(path):
+    files = [(os.path.join(path, "train.txt"), 0)]
+    if not os.path.exists(files[0][0]):
+      raise DataError(
+        f"{files[0][0]}: no such file; the LightGCN format needs train.txt (and, for a "
+        "given split, test.txt) in the folder."
+      )
+    if os.path.exists(os.path.join(path, "test.txt")):
+      files.append((os.path.join(path, "test.txt"), 2))
+  else:
+    raise DataError(f"{path}: no such file or folder. Check --data_path.")
   parts = [_read_adjacency(p, fold) for p, fold in files]
   user, item, fold, lone, blank = (list(x) for x in zip(*parts))
+  presplit = len(files) == 2
   return RawInteractions(
     np.concatenate(user),
     np.concatenate(item),
-    fold=np.concatenate(fold),
+    fold=np.concatenate(fold) if presplit else None,
     extra_users=tuple(np.unique(np.concatenate(lone)).tolist()),
-    source=f"{folder}/{{train,test}}.txt",
+    source=f"{path}/{{train,test}}.txt" if presplit else files[0][0],
     blank_lines=sum(blank),
   )
 
@@ -242,6 +256,8 @@ def detect_format(path: str) -> str:
       f"{path}: a folder without train.txt; point --data_path at the data file itself."
     )
   name = os.path.basename(path).lower()
+  if name in ("train.txt", "test.txt"):
+    return "lightgcn"
   if name in ("u.data", "ratings.dat"):
     return "movielens"
   if name.endswith(".inter"):

@@ -86,7 +86,10 @@ def _restore(files: RunFiles, trainer: Trainer) -> Progress:
   found = checkpoint.list_checkpoints(files.workdir)
   if not found:
     logging.warning("--resume: no checkpoint in %s; starting from the beginning", files.workdir)
-    return Progress(best_params=trainer.state.params, best_aux=trainer.state.aux_params)
+    return Progress(
+      best_params=jax.tree.map(jnp.copy, trainer.state.params),
+      best_aux=jax.tree.map(jnp.copy, trainer.state.aux_params),
+    )
   epoch, path = found[-1]
   template = {
     "trainer": trainer.device_state(),
@@ -166,8 +169,11 @@ def train_and_evaluate(config: Config, workdir: str, resume: bool = False) -> di
     logging.info("%s", trainer.meta.describe())
   if resume:
     prog = _restore(files, trainer)
-  else:
-    prog = Progress(best_params=trainer.state.params, best_aux=trainer.state.aux_params)
+  else:  # copies: the state's buffers are donated to the first step
+    prog = Progress(
+      best_params=jax.tree.map(jnp.copy, trainer.state.params),
+      best_aux=jax.tree.map(jnp.copy, trainer.state.aux_params),
+    )
 
   valid_set = trainer.eval_set(ds.valid, ds.observed)
   test_set = trainer.eval_set(ds.test, np.concatenate([ds.observed, ds.valid]))

@@ -157,3 +157,16 @@ def test_meta_split(synth):
 def test_split_ratios_must_sum_to_one():
   with pytest.raises(ValueError, match=r"split_ratios=0.8,0.1,0.2 sums to 1.1, not 1"):
     DataConfig(split_ratios=(0.8, 0.1, 0.2))
+
+
+def test_train_only_lightgcn_folder_is_split_by_ratios_and_says_so(tmp_path):
+  d = tmp_path / "lg"
+  d.mkdir()
+  rows = [f"{u} " + " ".join(str((u * 7 + k) % 40) for k in range(10)) for u in range(30)]
+  (d / "train.txt").write_text("\n".join(rows) + "\n")
+  cfg = DataConfig(data_path=str(d), split_ratios=(0.6, 0.2, 0.2))
+  ds = data.load_dataset(cfg, seed=0)
+  assert ds.summary["split"] == "random"
+  assert len(ds.train) == 30 * 6 and len(ds.valid) == 30 * 2 and len(ds.test) == 30 * 2
+  text = data.describe(ds)
+  assert "--split_ratios=0.6,0.2,0.2" in text and "no test.txt" in text, text

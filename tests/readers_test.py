@@ -124,6 +124,19 @@ def test_lightgcn_bad_lines(tmp_path):
   (d / "train.txt").write_text("0 1 2\n-1 4\n")
   with pytest.raises(DataError, match=r"train.txt:2: negative user id -1"):
     readers.read_lightgcn(str(d))
-  (d / "test.txt").unlink()
-  with pytest.raises(DataError, match="test.txt: no such file"):
+  (d / "train.txt").unlink()
+  with pytest.raises(DataError, match="train.txt: no such file"):
     readers.read_lightgcn(str(d))
+
+
+def test_lightgcn_train_only_folder_or_file_has_no_fold(tmp_path):
+  d = tmp_path / "gowalla"
+  d.mkdir()
+  (d / "train.txt").write_text("0 1 2 3\n1 2 4\n")
+  for path in (str(d), str(d / "train.txt")):
+    raw = readers.read_interactions(path)
+    assert raw.fold is None, path  # split per user later, not a given split
+    assert list(raw.item) == [1, 2, 3, 2, 4]
+    assert raw.source == str(d / "train.txt")
+  (d / "test.txt").write_text("0 4\n")
+  assert readers.read_interactions(str(d)).fold is not None  # both files: a given split

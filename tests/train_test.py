@@ -155,3 +155,14 @@ def test_injected_nan_with_stop_keeps_the_last_good_checkpoint(tmp_path):
   saved = checkpoint.list_checkpoints(str(tmp_path))
   assert [e for e, _ in saved] == [1]  # epoch 2 held the NaN: no checkpoint after it
   assert not (tmp_path / "final_metrics.json").exists()
+
+
+@pytest.mark.parametrize("model", ["mf", "lightgcn"])
+def test_eval_every_with_checkpoints_before_the_first_validation(tmp_path, model):
+  """The first checkpoint comes before any validation: the model it keeps as the best so
+  far (the initial one) must not be a buffer the first step consumed."""
+  cfg = Config.from_flat(**TINY, model=model, epochs=5, eval_every=2, checkpoint_every=1)
+  final = train.train_and_evaluate(cfg, str(tmp_path / "run"))
+  lines = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
+  assert ["valid" in x for x in lines] == [False, True, False, True, True]
+  assert final["best_epoch"] in (2, 4, 5) and final["test"]["recall@20"] > 0
