@@ -16,6 +16,7 @@ DATA_FORMATS = ("auto", "movielens", "lightgcn", "recbole", "csv")
 SPLITS = ("auto", "random", "temporal", "loo", "presplit")
 MODELS = ("mf", "lightgcn")
 PROPAGATIONS = ("bcsr", "segment")
+INITS = ("normal", "spectral")
 WEIGHTINGS = ("none", "fixed", "uncertainty", "meta", "replay")
 HYPERGRADS = ("cg", "neumann", "unrolled", "first_order")
 METRIC_NAMES = ("recall", "ndcg", "precision", "hit", "mrr")
@@ -135,6 +136,13 @@ class ModelConfig:
     "Embeddings start N(0, init_std^2). Empty: 0.1 for LightGCN (LightGCN-PyTorch) and "
     "0.02 for MF, the values that won on ML-100K validation (BUILD_NOTES.md).",
   )
+  init: str | None = _f(
+    None,
+    "Initial ego embeddings: normal (N(0, init_std^2)) or spectral (the leading singular "
+    "vectors of the normalised interaction matrix, scaled to an RMS of init_std: a warm "
+    "start, maxrec/spectral.py). Empty: normal.",
+    ("normal", "spectral"),
+  )
   propagation: str = _f(
     "bcsr",
     "Kernel of the graph product: 'bcsr' (JAX's CSR kernel, fastest) or 'segment' "
@@ -145,6 +153,8 @@ class ModelConfig:
   def __post_init__(self):
     _check_choice("model", self.model, MODELS)
     _check_choice("propagation", self.propagation, PROPAGATIONS)
+    if self.init is not None:
+      _check_choice("init", self.init, INITS)
     _check(self.embedding_dim >= 1, f"--embedding_dim={self.embedding_dim} must be >= 1.")
     _check(self.num_layers >= 0, f"--num_layers={self.num_layers} must be >= 0.")
     _check(self.init_std is None or self.init_std > 0, f"--init_std={self.init_std} must be > 0.")
@@ -154,6 +164,10 @@ class ModelConfig:
     if self.init_std is not None:
       return self.init_std
     return 0.1 if self.model == "lightgcn" else 0.02
+
+  @property
+  def resolved_init(self) -> str:
+    return self.init if self.init is not None else "normal"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,6 +188,11 @@ class TrainConfig:
   seed: int = _f(0, "Seed of initialisation and sampling (and of the split unless --split_seed).")
   eval_every: int = _f(1, "Validate every this many epochs.")
   patience: int = _f(10, "Early stopping: validations without improvement before stopping.")
+  time_budget_s: float = _f(
+    0.0,
+    "Stop after the first epoch that ends more than this many seconds into the run "
+    "(resumed time included; 0: no limit). The best validated epoch is then tested.",
+  )
   early_stop_metric: str = _f("recall@20", "Validation metric for model selection, e.g. ndcg@20.")
   topk: tuple[int, ...] = _f((10, 20, 50), "Cut-offs K of the metrics.")
   sparse_updates: bool = _f(
@@ -214,6 +233,7 @@ class TrainConfig:
       "keep_checkpoints",
     ):  # fmt: skip
       _check(getattr(self, name) >= 1, f"--{name}={getattr(self, name)} must be >= 1.")
+    _check(self.time_budget_s >= 0, f"--time_budget_s={self.time_budget_s} must be >= 0.")
     _check(self.learning_rate > 0, f"--learning_rate={self.learning_rate} must be > 0.")
     _check(self.l2_reg >= 0, f"--l2_reg={self.l2_reg} must be >= 0.")
     _check(len(self.topk) >= 1 and all(k >= 1 for k in self.topk), "--topk needs positive K.")

@@ -52,7 +52,7 @@ class Progress:
 
 
 # Config fields a resumed run may change: they do not affect what was already trained.
-RESUMABLE_CHANGES = ("epochs", "patience", "checkpoint_every", "keep_checkpoints")
+RESUMABLE_CHANGES = ("epochs", "patience", "checkpoint_every", "keep_checkpoints", "time_budget_s")
 
 
 def _check_resumable(files: RunFiles, cfg: Config) -> None:
@@ -185,7 +185,15 @@ def train_and_evaluate(config: Config, workdir: str, resume: bool = False) -> di
   )
 
   ks, select = cfg.train.topk, cfg.train.early_stop_metric
+  budget = cfg.train.time_budget_s
+
+  def out_of_time() -> bool:
+    return budget > 0 and prog.elapsed_s + time.perf_counter() - t_start > budget
+
   while prog.epoch < cfg.train.epochs and prog.bad_evals < cfg.train.patience:
+    if prog.epoch > 0 and out_of_time():
+      logging.info("time budget: stopping after epoch %d (--time_budget_s=%g)", prog.epoch, budget)
+      break
     epoch = prog.epoch + 1
     sums, times = trainer.epoch(
       lambda rec, e=epoch: files.append("meta.jsonl", {"epoch": e, **rec})

@@ -21,7 +21,7 @@ from absl import logging
 from maxrec import data as data_lib
 from maxrec import graph as graph_lib
 from maxrec import meta as meta_lib
-from maxrec import metrics, replay, sharding, sparse
+from maxrec import metrics, replay, sharding, sparse, spectral
 from maxrec.config import Config
 from maxrec.models import make_model
 from maxrec.objective import softplus_inverse
@@ -81,6 +81,12 @@ class Trainer:
     key = jax.random.key(cfg.train.seed)
     true_size = make_model(cfg.model, ds.n_users, ds.n_items)  # the same initial values
     self.state = init_state(true_size, tx, key, aux_params, aux_tx, pad_to=(n_users, n_items))
+    if cfg.model.resolved_init == "spectral":
+      params = self._spectral_params(jax.random.fold_in(key, 3))
+      params = {
+        k: sharding.pad_rows(params[k], n) for k, n in zip(("user", "item"), (n_users, n_items))
+      }
+      self.state = self.state.replace(params=params)
     inject = cfg.train.inject_nan_at_step
     self.sparse_kernel = None  # "native" or "xla" for row-sparse MF
     if uses_sparse_updates(cfg):
@@ -110,6 +116,24 @@ class Trainer:
         self.objective, cfg, self.sampler, ds, aux_params, cfg.train.seed, self.n_batches,
         place=self.place_batches,
       )  # fmt: skip
+
+  def _spectral_params(self, key) -> dict:
+    """[U, d] and [I, d] ego tables from the top-d singular vectors of R̃ (warm start)."""
+    t0 = time.perf_counter()
+    ds, m = self.ds, self.cfg.model
+    svd = spectral.truncated_svd(ds.train, ds.n_users, ds.n_items, m.embedding_dim, key=key)
+    params = spectral.spectral_init(svd, m.embedding_dim, m.resolved_init_std)
+    jax.block_until_ready(params)
+    logging.info(
+      "spectral init: top %d singular values of the normalised interactions %.4f .. %.4f "
+      "(largest residual %.1e) in %.1fs",
+      m.embedding_dim,
+      float(svd.s[0]),
+      float(svd.s[-1]),
+      float(svd.residual.max()),
+      time.perf_counter() - t0,
+    )
+    return params
 
   def _anchor_caps(self) -> tuple[int, int]:
     """Static sizes for the in-batch contrastive tasks: 25% above the most distinct users

@@ -166,3 +166,20 @@ def test_eval_every_with_checkpoints_before_the_first_validation(tmp_path, model
   lines = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
   assert ["valid" in x for x in lines] == [False, True, False, True, True]
   assert final["best_epoch"] in (2, 4, 5) and final["test"]["recall@20"] > 0
+
+
+def test_spectral_init_starts_from_the_singular_vectors():
+  from maxrec.trainer import Trainer
+
+  cfg = Config.from_flat(**TINY, model="lightgcn", init="spectral", embedding_dim=8)
+  ds = data.load_dataset(cfg.data, seed=0)
+  p = jax.device_get(Trainer(cfg, ds).state.params)
+  u, i = p["user"], p["item"]
+  rms = np.sqrt((np.sum(u**2) + np.sum(i**2)) / (u.size + i.size))
+  np.testing.assert_allclose(rms, cfg.model.resolved_init_std, rtol=1e-4)
+  # Scores of the warm start are the rank-8 reconstruction of the normalised matrix: the
+  # user-item pairs of training score higher on average than the others.
+  scores = u @ i.T
+  seen = np.zeros_like(scores, bool)
+  seen[ds.train[:, 0], ds.train[:, 1]] = True
+  assert scores[seen].mean() > 3 * abs(scores[~seen].mean())
