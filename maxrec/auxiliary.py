@@ -9,6 +9,7 @@ Built-in tasks:
   user_sgl     (user side) InfoNCE between two edge-dropout views of the graph (SGL-ED)
   item_sgl     (item side) the same, on the batch's positive items
   user_simgcl  (user side) InfoNCE between two noise-perturbed views (SimGCL)
+  item_simgcl  (item side) the same, on the batch's positive items
   item_cooc    (item side) item-item co-occurrence contrast: (i, j) liked by one user
 
 Views are static-shape functions of an explicit PRNG key: the dropout mask is a float
@@ -57,6 +58,7 @@ class AuxSettings:
   kernel: str = "bcsr"
   max_users: int | None = None  # static cap on a batch's distinct users (None: batch size)
   max_items: int | None = None  # static cap on a batch's distinct positive items
+  anchors: int | None = None  # only the first `anchors` triples of a batch give anchors
 
 
 class AuxContext:
@@ -164,16 +166,22 @@ def _contrast(view1, view2, ids, offset, cap, temperature) -> AuxOutput:
   """InfoNCE over the unique `ids` of a batch (at most `cap`), rows `offset + id` of two
   node views. In-batch cost is quadratic in `cap`, so the Trainer sets it just above the
   most distinct ids a batch has (it counts any batch that would exceed it)."""
-  uniq, valid = losses.unique_ids(ids, min(ids.shape[0], cap))
+  uniq, valid = losses.unique_ids(ids, min(ids.shape[0], cap))  # ids: the anchor triples
   z1, z2 = view1[offset + uniq], view2[offset + uniq]
   return AuxOutput(losses.info_nce(z1, z2, temperature, valid), uniq, valid)
+
+
+def _anchor_ids(ctx: AuxContext, column: str) -> jax.Array:
+  """The ids of one side of the batch's anchor triples (the first `anchors`; batches are
+  shuffled, so they are a uniform sample)."""
+  return ctx.batch[column][: ctx.settings.anchors]
 
 
 @register("user_sgl", "user")
 def user_sgl(ctx: AuxContext) -> AuxOutput:
   """Users of the batch, contrasted across the two edge-dropout views."""
   v1, v2 = ctx.edge_dropout_views
-  return _contrast(v1, v2, ctx.batch["user"], 0, ctx.user_cap, ctx.settings.temperature)
+  return _contrast(v1, v2, _anchor_ids(ctx, "user"), 0, ctx.user_cap, ctx.settings.temperature)
 
 
 @register("item_sgl", "item")
@@ -181,14 +189,23 @@ def item_sgl(ctx: AuxContext) -> AuxOutput:
   """Positive items of the batch, contrasted across the two edge-dropout views."""
   v1, v2 = ctx.edge_dropout_views
   g = ctx.graph
-  return _contrast(v1, v2, ctx.batch["pos"], g.n_users, ctx.item_cap, ctx.settings.temperature)
+  ids = _anchor_ids(ctx, "pos")
+  return _contrast(v1, v2, ids, g.n_users, ctx.item_cap, ctx.settings.temperature)
 
 
 @register("user_simgcl", "user")
 def user_simgcl(ctx: AuxContext) -> AuxOutput:
   """Users of the batch, contrasted across two noise-perturbed views (SimGCL)."""
   v1, v2 = ctx.noise_views
-  return _contrast(v1, v2, ctx.batch["user"], 0, ctx.user_cap, ctx.settings.temperature)
+  return _contrast(v1, v2, _anchor_ids(ctx, "user"), 0, ctx.user_cap, ctx.settings.temperature)
+
+
+@register("item_simgcl", "item")
+def item_simgcl(ctx: AuxContext) -> AuxOutput:
+  """Positive items of the batch, contrasted across the two noise-perturbed views."""
+  v1, v2 = ctx.noise_views
+  ids = _anchor_ids(ctx, "pos")
+  return _contrast(v1, v2, ids, ctx.graph.n_users, ctx.item_cap, ctx.settings.temperature)
 
 
 @register("item_cooc", "item")

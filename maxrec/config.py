@@ -17,6 +17,7 @@ SPLITS = ("auto", "random", "temporal", "loo", "presplit")
 MODELS = ("mf", "lightgcn")
 PROPAGATIONS = ("bcsr", "segment")
 INITS = ("normal", "spectral")
+LR_SCHEDULES = ("constant", "cosine")
 WEIGHTINGS = ("none", "fixed", "uncertainty", "meta", "replay")
 HYPERGRADS = ("cg", "neumann", "unrolled", "first_order")
 METRIC_NAMES = ("recall", "ndcg", "precision", "hit", "mrr")
@@ -177,6 +178,12 @@ class TrainConfig:
   epochs: int = _f(100, "Maximum number of epochs.")
   batch_size: int = _f(2048, "BPR triples per step.")
   learning_rate: float = _f(1e-3, "Learning rate of the embeddings' --optimizer.")
+  lr_schedule: str = _f(
+    "constant",
+    "Learning rate over the run: constant, or cosine (from --learning_rate down to 1% of "
+    "it at the end of --epochs; a run cut short by early stopping stops higher).",
+    LR_SCHEDULES,
+  )
   optimizer: str = _f(
     "adam",
     "Inner optimizer of the embeddings: adam (METHOD.md's) or sgd (plain SGD, the update "
@@ -239,6 +246,7 @@ class TrainConfig:
     _check(len(self.topk) >= 1 and all(k >= 1 for k in self.topk), "--topk needs positive K.")
     _check_choice("on_nonfinite", self.on_nonfinite, ("skip", "stop"))
     _check_choice("optimizer", self.optimizer, ("adam", "sgd"))
+    _check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
     _check_choice("sparse_kernel", self.sparse_kernel, SPARSE_KERNELS)
     _check(self.mesh_devices >= 0, f"--mesh_devices={self.mesh_devices} must be >= 0.")
     name, _, k = self.early_stop_metric.partition("@")
@@ -263,12 +271,18 @@ class AuxConfig:
   )
   aux_tasks: tuple[str, ...] = _f(
     ("user_sgl", "item_sgl"),
-    "Auxiliary tasks by registered name: user_sgl, item_sgl, user_simgcl, item_cooc.",
+    "Auxiliary tasks by registered name: user_sgl, item_sgl, user_simgcl, item_simgcl, item_cooc.",
   )
   aux_weights: tuple[float, ...] = _f(
     (0.1,), "Fixed weights (or initial weights), one for all tasks or one per task."
   )
   ssl_temperature: float = _f(0.2, "InfoNCE temperature τ.")
+  ssl_anchors: int = _f(
+    0,
+    "InfoNCE anchors per side: the distinct users and positive items of the first this "
+    "many triples of each (shuffled) batch; the in-batch cost is quadratic in it. 0: the "
+    "whole batch.",
+  )
   edge_drop: float = _f(0.1, "Edge-dropout ratio ρ of the SGL views.")
   view_layers: int | None = _f(
     None, "Propagation layers of the views. Empty: L for LightGCN, 1 for MF [A2]."
@@ -301,6 +315,7 @@ class AuxConfig:
     )
     _check(all(w > 0 for w in self.aux_weights), "--aux_weights must be positive.")
     _check(self.ssl_temperature > 0, f"--ssl_temperature={self.ssl_temperature} must be > 0.")
+    _check(self.ssl_anchors >= 0, f"--ssl_anchors={self.ssl_anchors} must be >= 0.")
     _check(0 <= self.edge_drop < 1, f"--edge_drop={self.edge_drop} must be in [0, 1).")
     _check(self.view_layers is None or self.view_layers >= 0, "--view_layers must be >= 0.")
     _check(self.simgcl_eps >= 0, f"--simgcl_eps={self.simgcl_eps} must be >= 0.")
@@ -395,6 +410,12 @@ class Config:
       self.train.sparse_kernel != "native" or self.sparse_mf,
       "--sparse_kernel=native is the row-sparse MF step: it needs --model=mf, "
       "--weighting=none and --sparse_updates (use auto or xla otherwise).",
+    )
+
+    _check(
+      self.train.lr_schedule == "constant" or not self.sparse_mf,
+      f"--lr_schedule={self.train.lr_schedule}: the row-sparse MF step has a constant "
+      "learning rate; add --nosparse_updates for a schedule.",
     )
 
   @property

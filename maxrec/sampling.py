@@ -105,11 +105,12 @@ class Sampler:
     return self._triples(rng, rng.integers(len(self.pairs), size=size))
 
   @staticmethod
-  def max_unique(batch: Batch) -> tuple[int, int]:
+  def max_unique(batch: Batch, anchors: int | None = None) -> tuple[int, int]:
     """The most distinct users and distinct positive items in any one batch of `batch`
-    ([B] or [n, B] arrays): what the in-batch contrastive tasks must hold."""
-    users = np.atleast_2d(batch["user"])
-    items = np.atleast_2d(batch["pos"])
+    ([B] or [n, B] arrays), among its first `anchors` triples when given: what the
+    in-batch contrastive tasks must hold."""
+    users = np.atleast_2d(batch["user"])[:, :anchors]
+    items = np.atleast_2d(batch["pos"])[:, :anchors]
     count = lambda a: max(len(np.unique(row)) for row in a)  # noqa: E731
     return count(users), count(items)
 

@@ -84,6 +84,7 @@ def make_objective(model, cfg: Config, anchor_caps: tuple[int, int] | None = Non
     kernel=cfg.model.propagation,
     max_users=None if anchor_caps is None else anchor_caps[0],
     max_items=None if anchor_caps is None else anchor_caps[1],
+    anchors=cfg.aux.ssl_anchors or None,
   )
   weight_net = None
   if cfg.aux.weighting == "meta" and cfg.meta.weight_net:

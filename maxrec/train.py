@@ -63,7 +63,9 @@ def _check_resumable(files: RunFiles, cfg: Config) -> None:
   # A field the run's version did not have yet reads as that field's default.
   defaults = json.loads(json.dumps(Config().flat()))
   before = {k: before.get(k, defaults[k]) for k in now}
-  changed = sorted(k for k in now if k not in RESUMABLE_CHANGES and before[k] != now[k])
+  # The cosine schedule runs over --epochs: changing them would change the trained steps.
+  free = [k for k in RESUMABLE_CHANGES if not (k == "epochs" and now["lr_schedule"] != "constant")]
+  changed = sorted(k for k in now if k not in free and before[k] != now[k])
   if changed:
     details = ", ".join(f"--{k}={before.get(k)!r} -> {now[k]!r}" for k in changed)
     raise ValueError(f"--resume: the configuration differs from the run's own ({details}).")

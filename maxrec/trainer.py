@@ -76,7 +76,8 @@ class Trainer:
       self.replay = replay.load_trajectory(cfg.aux.replay_from, self.objective.task_names)
     aux_params = initial_aux_params(cfg)
     lr = cfg.train.learning_rate
-    tx = optax.adam(lr) if cfg.train.optimizer == "adam" else optax.sgd(lr)
+    self.n_batches = self.sampler.num_batches(cfg.train.batch_size)
+    tx = make_optimizer(cfg, self.n_batches)
     aux_tx = optax.adam(lr) if cfg.aux.weighting == "uncertainty" else None
     key = jax.random.key(cfg.train.seed)
     true_size = make_model(cfg.model, ds.n_users, ds.n_items)  # the same initial values
@@ -109,7 +110,6 @@ class Trainer:
     self._embed = jax.jit(
       lambda p, g, w: tuple(x[:n] for x, n in zip(model.apply({"params": p}, g, w), (nu, ni)))
     )
-    self.n_batches = self.sampler.num_batches(cfg.train.batch_size)
     self.meta = None
     if cfg.aux.weighting == "meta":
       self.meta = meta_lib.MetaRunner(
@@ -142,11 +142,12 @@ class Trainer:
     a batch holds ~800 distinct items would cost several times more."""
     first = self._sample(0)
     self._next = (0, self._prefetch.submit(lambda: first))
-    counts = [Sampler.max_unique(jax.device_get(first))]
+    anchors = self.cfg.aux.ssl_anchors or None
+    counts = [Sampler.max_unique(jax.device_get(first), anchors)]
     if self.cfg.aux.weighting == "meta":
       rng = np.random.default_rng([self.cfg.train.seed, 2])
       hyper = self.cfg.meta.hyper_batch_size
-      counts += [Sampler.max_unique(self.sampler.sample(rng, hyper)) for _ in range(3)]
+      counts += [Sampler.max_unique(self.sampler.sample(rng, hyper), anchors) for _ in range(3)]
     users, items = (max(c[k] for c in counts) for k in (0, 1))
     up = lambda n: -(-int(1.25 * n) // 64) * 64  # noqa: E731
     return up(users), up(items)
@@ -156,7 +157,7 @@ class Trainer:
     largest ids would not be anchors) and warns: it should essentially never happen."""
     if self.anchor_caps is None:
       return
-    users, items = Sampler.max_unique(batches)
+    users, items = Sampler.max_unique(batches, self.cfg.aux.ssl_anchors or None)
     if users > self.anchor_caps[0] or items > self.anchor_caps[1]:
       self.anchor_overflows += 1
       logging.warning(
@@ -275,6 +276,15 @@ class Trainer:
     self.epochs_done += 1
     jax.block_until_ready(sums)
     return sums, {"epoch_s": time.perf_counter() - t0, "sample_s": t_sample, "meta_s": meta_s}
+
+
+def make_optimizer(cfg: Config, steps_per_epoch: int) -> optax.GradientTransformation:
+  """The embeddings' optimizer: --optimizer at --learning_rate, under --lr_schedule (cosine:
+  down to 1% of it over --epochs x `steps_per_epoch` steps)."""
+  lr = cfg.train.learning_rate
+  if cfg.train.lr_schedule == "cosine":
+    lr = optax.cosine_decay_schedule(lr, max(cfg.train.epochs * steps_per_epoch, 1), alpha=0.01)
+  return optax.adam(lr) if cfg.train.optimizer == "adam" else optax.sgd(lr)
 
 
 def _sharded_config(cfg: Config, mesh) -> Config:

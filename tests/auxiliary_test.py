@@ -127,3 +127,29 @@ def test_inner_loss_hvp_symmetric_linear_and_equal_to_hessian(x64, model):
   np.testing.assert_allclose(jnp.dot(u, hvp(v)), jnp.dot(v, hvp(u)), rtol=1e-9)
   hess = jax.jit(jax.hessian(lambda x: f(unravel(x))))(flat)
   np.testing.assert_allclose(hvp(v), hess @ v, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", ["user_sgl", "item_sgl", "user_simgcl", "item_simgcl"])
+def test_anchors_come_from_the_first_triples_only(name):
+  g, params, batch, settings = toy()
+  side = "user" if name.startswith("user") else "pos"
+  capped = auxiliary.AuxSettings(**{**settings.__dict__, "anchors": 3})
+  key = jax.random.key(0)
+  out = auxiliary.get(name).loss_fn(ctx_for(params, batch, g, key, capped))
+  expected = np.unique(np.asarray(batch[side][:3]))
+  assert sorted(np.asarray(out.ids)[np.asarray(out.valid)].tolist()) == expected.tolist()
+  full = auxiliary.get(name).loss_fn(ctx_for(params, batch, g, key, settings))
+  assert int(full.valid.sum()) == len(np.unique(np.asarray(batch[side])))
+  # The loss is the InfoNCE of those anchors alone: recomputed from the same views.
+  ctx = ctx_for(params, batch, g, key, capped)
+  v1, v2 = ctx.noise_views if "simgcl" in name else ctx.edge_dropout_views
+  off = 0 if side == "user" else N_USERS
+  ref = losses.info_nce(v1[off + expected], v2[off + expected], 0.2)
+  np.testing.assert_allclose(
+    np.sort(np.asarray(out.losses)[np.asarray(out.valid)]), np.sort(np.asarray(ref)), rtol=1e-5
+  )
+
+
+def test_item_simgcl_is_registered_on_the_item_side():
+  assert auxiliary.get("item_simgcl").side == "item"
+  assert "item_simgcl" in auxiliary.names()

@@ -183,3 +183,37 @@ def test_spectral_init_starts_from_the_singular_vectors():
   seen = np.zeros_like(scores, bool)
   seen[ds.train[:, 0], ds.train[:, 1]] = True
   assert scores[seen].mean() > 3 * abs(scores[~seen].mean())
+
+
+def test_cosine_schedule_decays_to_one_percent_over_the_epochs():
+  from maxrec.trainer import make_optimizer
+
+  cfg = Config.from_flat(
+    **TINY, model="lightgcn", lr_schedule="cosine", epochs=4, learning_rate=0.1
+  )
+  tx = make_optimizer(cfg, steps_per_epoch=5)
+  params = {"x": jnp.zeros(())}
+  state = tx.init(params)
+  lrs = []
+  for _ in range(21):  # Adam's first step moves by lr exactly (m/sqrt(v) = sign of g)
+    upd, _ = tx.update({"x": jnp.ones(())}, state, params)
+    lrs.append(-float(upd["x"]))
+    _, state = tx.update({"x": jnp.ones(())}, state, params)
+  np.testing.assert_allclose(lrs[0], 0.1, rtol=1e-5)
+  np.testing.assert_allclose(lrs[10], 0.1 * (0.01 + 0.99 * 0.5), rtol=1e-3)  # half way
+  np.testing.assert_allclose(lrs[20], 0.001, rtol=1e-3)  # the end of --epochs
+  with pytest.raises(ValueError, match="row-sparse MF step has a constant"):
+    Config.from_flat(model="mf", weighting="none", lr_schedule="cosine")
+
+
+def test_resume_refuses_new_epochs_under_a_cosine_schedule(tmp_path):
+  cfg = Config.from_flat(**TINY, model="mf", sparse_updates=False, lr_schedule="cosine", epochs=2)
+  train.train_and_evaluate(cfg.replace(epochs=2, patience=1, time_budget_s=1e-9), str(tmp_path))
+  with pytest.raises(ValueError, match=r"--epochs=2 -> 3"):
+    train.train_and_evaluate(cfg.replace(epochs=3, time_budget_s=1e-9), str(tmp_path), resume=True)
+
+
+def test_time_budget_stops_after_the_first_epoch_past_it(tmp_path):
+  cfg = Config.from_flat(**TINY, epochs=50, time_budget_s=1e-9)
+  final = train.train_and_evaluate(cfg, str(tmp_path))
+  assert final["epochs_run"] == 1 and final["best_epoch"] == 1
