@@ -87,3 +87,20 @@ def test_bench_writes_every_figure_the_issue_names(tmp_path):
     assert res["mf_xla"]["sparse_kernel"] == "xla" and res["mf_xla_epoch_s"] > 0
     assert res["mf_xla"]["compilations"] == 1
   assert "eval / bare matmul" in r.stdout and "meta / fixed epoch" in r.stdout
+
+
+def test_graph_filter_validates_ranks_and_tests_the_best(tmp_path):
+  r = run_cli(
+    "experiments.graph_filter", "--synth_users=150", "--synth_items=120",
+    "--synth_interactions=3000", "--ranks=4,16", f"--out={tmp_path}",
+  )  # fmt: skip
+  assert r.returncode == 0, r.stderr[-2000:]
+  final = json.loads((tmp_path / "final_metrics.json").read_text())
+  assert final["rank"] in (4, 16) and set(final["by_rank"]) == {"4", "16"}
+  best = max(final["by_rank"].values(), key=lambda v: v["valid"]["recall@20"])
+  assert final["valid"] == best["valid"]
+  # The filter ranks held-out items far better than popularity on the clustered data.
+  assert final["test"]["recall@20"] > final["popularity"]["recall@20"]
+  r = run_cli("experiments.graph_filter", "--synth_users=150", "--synth_items=120",
+              "--synth_interactions=3000", "--ranks=500", f"--out={tmp_path}")  # fmt: skip
+  assert r.returncode == 1 and "rank=500 must be in" in r.stderr
