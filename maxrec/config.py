@@ -141,7 +141,7 @@ class ModelConfig:
     None,
     "Initial ego embeddings: normal (N(0, init_std^2)) or spectral (the leading singular "
     "vectors of the normalised interaction matrix, scaled to an RMS of init_std: a warm "
-    "start, maxrec/spectral.py). Empty: normal.",
+    "start, maxrec/spectral.py). Empty: normal for MF, spectral for LightGCN.",
     ("normal", "spectral"),
   )
   propagation: str = _f(
@@ -168,7 +168,9 @@ class ModelConfig:
 
   @property
   def resolved_init(self) -> str:
-    return self.init if self.init is not None else "normal"
+    if self.init is not None:
+      return self.init
+    return "spectral" if self.model == "lightgcn" else "normal"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,12 +178,22 @@ class TrainConfig:
   """Inner optimisation, evaluation and early stopping (METHOD.md §3.2, §5.2)."""
 
   epochs: int = _f(100, "Maximum number of epochs.")
-  batch_size: int = _f(2048, "BPR triples per step.")
-  learning_rate: float = _f(1e-3, "Learning rate of the embeddings' --optimizer.")
-  lr_schedule: str = _f(
-    "constant",
+  batch_size: int | None = _f(
+    None,
+    "BPR triples per step. Empty: 2048 for MF (METHOD.md); for LightGCN a tenth of the "
+    "training pairs, in [2048, 65536] (its fast recipe: a step propagates the whole graph "
+    "whatever the batch, RESULTS.md).",
+  )
+  learning_rate: float | None = _f(
+    None,
+    "Learning rate of the embeddings' --optimizer. Empty: 1e-3 for MF, 5e-2 for LightGCN "
+    "(with its larger batch and cosine schedule).",
+  )
+  lr_schedule: str | None = _f(
+    None,
     "Learning rate over the run: constant, or cosine (from --learning_rate down to 1% of "
-    "it at the end of --epochs; a run cut short by early stopping stops higher).",
+    "it at the end of --epochs; a run cut short by early stopping stops higher). Empty: "
+    "constant for MF, cosine for LightGCN.",
     LR_SCHEDULES,
   )
   optimizer: str = _f(
@@ -193,7 +205,11 @@ class TrainConfig:
   )
   l2_reg: float = _f(1e-4, "lambda of the L2 term on the batch's ego embeddings.")
   seed: int = _f(0, "Seed of initialisation and sampling (and of the split unless --split_seed).")
-  eval_every: int = _f(1, "Validate every this many epochs.")
+  eval_every: int | None = _f(
+    None,
+    "Validate every this many epochs. Empty: 1 for MF, 4 for LightGCN (at batch 65536 a "
+    "Gowalla-size validation costs about as much as an epoch).",
+  )
   patience: int = _f(10, "Early stopping: validations without improvement before stopping.")
   time_budget_s: float = _f(
     0.0,
@@ -239,14 +255,19 @@ class TrainConfig:
       "epochs", "batch_size", "eval_every", "patience", "eval_batch_size", "checkpoint_every",
       "keep_checkpoints",
     ):  # fmt: skip
-      _check(getattr(self, name) >= 1, f"--{name}={getattr(self, name)} must be >= 1.")
+      value = getattr(self, name)
+      _check(value is None or value >= 1, f"--{name}={value} must be >= 1.")
     _check(self.time_budget_s >= 0, f"--time_budget_s={self.time_budget_s} must be >= 0.")
-    _check(self.learning_rate > 0, f"--learning_rate={self.learning_rate} must be > 0.")
+    _check(
+      self.learning_rate is None or self.learning_rate > 0,
+      f"--learning_rate={self.learning_rate} must be > 0.",
+    )
     _check(self.l2_reg >= 0, f"--l2_reg={self.l2_reg} must be >= 0.")
     _check(len(self.topk) >= 1 and all(k >= 1 for k in self.topk), "--topk needs positive K.")
     _check_choice("on_nonfinite", self.on_nonfinite, ("skip", "stop"))
     _check_choice("optimizer", self.optimizer, ("adam", "sgd"))
-    _check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+    if self.lr_schedule is not None:
+      _check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
     _check_choice("sparse_kernel", self.sparse_kernel, SPARSE_KERNELS)
     _check(self.mesh_devices >= 0, f"--mesh_devices={self.mesh_devices} must be >= 0.")
     name, _, k = self.early_stop_metric.partition("@")
@@ -278,7 +299,7 @@ class AuxConfig:
   )
   ssl_temperature: float = _f(0.2, "InfoNCE temperature τ.")
   ssl_anchors: int = _f(
-    0,
+    4096,
     "InfoNCE anchors per side: the distinct users and positive items of the first this "
     "many triples of each (shuffled) batch; the in-batch cost is quadratic in it. 0: the "
     "whole batch.",
@@ -413,8 +434,8 @@ class Config:
     )
 
     _check(
-      self.train.lr_schedule == "constant" or not self.sparse_mf,
-      f"--lr_schedule={self.train.lr_schedule}: the row-sparse MF step has a constant "
+      self.lr_schedule == "constant" or not self.sparse_mf,
+      f"--lr_schedule={self.lr_schedule}: the row-sparse MF step has a constant "
       "learning rate; add --nosparse_updates for a schedule.",
     )
 
@@ -423,6 +444,39 @@ class Config:
     """MF without auxiliary tasks has a row-sparse gradient: with --sparse_updates it is
     trained on the touched rows only (`maxrec.sparse`)."""
     return self.train.sparse_updates and self.model.model == "mf" and not self.aux.tasks
+
+  # LightGCN's fast recipe (RESULTS.md, "Time to accuracy"): every step propagates the
+  # whole graph, so a step costs nearly the same at any batch size; large batches with a
+  # scaled learning rate reach the published recipe's accuracy in a fraction of the time.
+  def batch_size_for(self, n_train: int) -> int:
+    """--batch_size, else 2048 for MF and, for LightGCN, about a tenth of the `n_train`
+    training pairs (ten steps an epoch) in whole 1024s, within [2048, 65536]."""
+    if self.train.batch_size is not None:
+      return self.train.batch_size
+    if self.model.model != "lightgcn":
+      return 2048
+    return int(min(65536, max(2048, 1024 * -(-n_train // 10240))))
+
+  @property
+  def learning_rate(self) -> float:
+    """--learning_rate, else 5e-2 for LightGCN and 1e-3 for MF."""
+    if self.train.learning_rate is not None:
+      return self.train.learning_rate
+    return 5e-2 if self.model.model == "lightgcn" else 1e-3
+
+  @property
+  def lr_schedule(self) -> str:
+    """--lr_schedule, else cosine for LightGCN and constant for MF."""
+    if self.train.lr_schedule is not None:
+      return self.train.lr_schedule
+    return "cosine" if self.model.model == "lightgcn" else "constant"
+
+  @property
+  def eval_every(self) -> int:
+    """--eval_every, else 4 for LightGCN and 1 for MF."""
+    if self.train.eval_every is not None:
+      return self.train.eval_every
+    return 4 if self.model.model == "lightgcn" else 1
 
   @property
   def meta_ratio(self) -> float:

@@ -64,7 +64,7 @@ def _check_resumable(files: RunFiles, cfg: Config) -> None:
   defaults = json.loads(json.dumps(Config().flat()))
   before = {k: before.get(k, defaults[k]) for k in now}
   # The cosine schedule runs over --epochs: changing them would change the trained steps.
-  free = [k for k in RESUMABLE_CHANGES if not (k == "epochs" and now["lr_schedule"] != "constant")]
+  free = [k for k in RESUMABLE_CHANGES if not (k == "epochs" and cfg.lr_schedule != "constant")]
   changed = sorted(k for k in now if k not in free and before[k] != now[k])
   if changed:
     details = ", ".join(f"--{k}={before.get(k)!r} -> {now[k]!r}" for k in changed)
@@ -225,7 +225,7 @@ def train_and_evaluate(config: Config, workdir: str, resume: bool = False) -> di
     record.update(
       step=int(trainer.state.step),
       **times,
-      interactions_per_s=n_batches * cfg.train.batch_size / t_epoch,
+      interactions_per_s=n_batches * trainer.batch_size / t_epoch,
       elapsed_s=prog.elapsed_s + time.perf_counter() - t_start,
     )
     msg = f"epoch {epoch:3d} | {_fmt(record, ('loss', 'bpr', 'l2', *objective.task_names))}"
@@ -233,7 +233,7 @@ def train_and_evaluate(config: Config, workdir: str, resume: bool = False) -> di
       msg += " | w " + " ".join(f"{k}={record['weight_' + k]:.3g}" for k in objective.task_names)
     msg += f" | {t_epoch:.2f}s ({record['interactions_per_s']:,.0f} interactions/s)"
     prog.epoch = epoch
-    if epoch % cfg.train.eval_every == 0 or epoch == cfg.train.epochs:
+    if epoch % cfg.eval_every == 0 or epoch == cfg.train.epochs:
       valid = metrics.evaluate(*trainer.embeddings(), valid_set, ks)
       record["valid"] = valid
       msg += f" | valid {_fmt(valid, ('recall@20', 'ndcg@20'))}"

@@ -64,6 +64,8 @@ class Trainer:
     if self.mesh is not None:  # tables padded to a multiple of the device count
       n_users, n_items = sharding.padded(n_users, self.mesh), sharding.padded(n_items, self.mesh)
     self.sampler = Sampler(ds.train, ds.observed, ds.n_users, ds.n_items)
+    self.batch_size = cfg.batch_size_for(len(ds.train))
+    self.n_batches = self.sampler.num_batches(self.batch_size)
     self.graph = graph_lib.build_graph(ds.train, n_users, n_items)
     self.weights = graph_lib.edge_weights(self.graph)
     self.model = make_model(cfg.model, n_users, n_items)
@@ -75,9 +77,19 @@ class Trainer:
     if cfg.aux.weighting == "replay":
       self.replay = replay.load_trajectory(cfg.aux.replay_from, self.objective.task_names)
     aux_params = initial_aux_params(cfg)
-    lr = cfg.train.learning_rate
-    self.n_batches = self.sampler.num_batches(cfg.train.batch_size)
+    lr = cfg.learning_rate
     tx = make_optimizer(cfg, self.n_batches)
+    logging.info(
+      "training: batch %d (%d steps an epoch), %s at learning rate %g (%s), %s init, "
+      "validation every %d epoch(s)",
+      self.batch_size,
+      self.n_batches,
+      cfg.train.optimizer,
+      lr,
+      cfg.lr_schedule,
+      cfg.model.resolved_init,
+      cfg.eval_every,
+    )
     aux_tx = optax.adam(lr) if cfg.aux.weighting == "uncertainty" else None
     key = jax.random.key(cfg.train.seed)
     true_size = make_model(cfg.model, ds.n_users, ds.n_items)  # the same initial values
@@ -172,7 +184,7 @@ class Trainer:
     """Epoch `epoch`'s batches: a function of (seed, epoch) only, so prefetching, resuming
     and early stopping never change them."""
     rng = np.random.default_rng([self.cfg.train.seed, 0, epoch])
-    batches = self.sampler.epoch(rng, self.cfg.train.batch_size)
+    batches = self.sampler.epoch(rng, self.batch_size)
     self._check_anchors(batches)
     return self.place_batches(batches)
 
@@ -281,8 +293,8 @@ class Trainer:
 def make_optimizer(cfg: Config, steps_per_epoch: int) -> optax.GradientTransformation:
   """The embeddings' optimizer: --optimizer at --learning_rate, under --lr_schedule (cosine:
   down to 1% of it over --epochs x `steps_per_epoch` steps)."""
-  lr = cfg.train.learning_rate
-  if cfg.train.lr_schedule == "cosine":
+  lr = cfg.learning_rate
+  if cfg.lr_schedule == "cosine":
     lr = optax.cosine_decay_schedule(lr, max(cfg.train.epochs * steps_per_epoch, 1), alpha=0.01)
   return optax.adam(lr) if cfg.train.optimizer == "adam" else optax.sgd(lr)
 
@@ -291,9 +303,10 @@ def _sharded_config(cfg: Config, mesh) -> Config:
   """The configuration under a mesh of D > 1 devices: batch sizes must split evenly, and
   the graph product uses the `segment` kernel, which XLA can partition."""
   d = mesh.size
-  for name in ("batch_size", "hyper_batch_size", "meta_batch_size"):
-    value = cfg.flat()[name]
-    if value % d:
+  sizes = {"batch_size": cfg.train.batch_size}
+  sizes.update({k: cfg.flat()[k] for k in ("hyper_batch_size", "meta_batch_size")})
+  for name, value in sizes.items():  # an automatic batch size is a multiple of 1024
+    if value is not None and value % d:
       raise ValueError(f"--{name}={value} must be a multiple of the {d} devices of the mesh.")
   if cfg.model.propagation != "segment":
     logging.info("sharded over %d devices: using --propagation=segment", d)

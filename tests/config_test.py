@@ -58,3 +58,24 @@ def test_flags_parse_to_config():
   cfg = config_flags.config_from_flags(fv)
   assert cfg.data.split_ratios == (0.6, 0.2, 0.2) and cfg.data.min_rating == 4.0
   assert cfg.train.topk == (5, 10)
+
+
+def test_lightgcn_fast_recipe_defaults_and_mf_defaults():
+  lg, mf = Config.from_flat(model="lightgcn"), Config.from_flat(model="mf")
+  assert (lg.learning_rate, lg.lr_schedule, lg.eval_every) == (5e-2, "cosine", 4)
+  assert lg.model.resolved_init == "spectral"
+  assert (mf.learning_rate, mf.lr_schedule, mf.eval_every) == (1e-3, "constant", 1)
+  assert mf.model.resolved_init == "normal"
+  # LightGCN: about ten steps an epoch, whole 1024s, within [2048, 65536]; MF: 2048.
+  assert lg.batch_size_for(664_054) == 65536 and lg.batch_size_for(80_000) == 8192
+  assert lg.batch_size_for(3_000) == 2048 and lg.batch_size_for(10_000_000) == 65536
+  assert mf.batch_size_for(664_054) == 2048
+  # Explicit flags win for either model.
+  set_ = Config.from_flat(model="lightgcn", batch_size=2048, learning_rate=1e-3, eval_every=1)
+  assert set_.batch_size_for(664_054) == 2048 and set_.learning_rate == 1e-3
+  assert set_.eval_every == 1
+  assert Config.from_flat(model="lightgcn", lr_schedule="constant").lr_schedule == "constant"
+  with pytest.raises(ValueError, match="--lr_schedule='step' is not one of"):
+    Config.from_flat(lr_schedule="step")
+  with pytest.raises(ValueError, match="--init='svd' is not one of"):
+    Config.from_flat(init="svd")

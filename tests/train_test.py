@@ -31,7 +31,7 @@ def setup_run(**overrides):
   g = graph_lib.build_graph(ds.train, ds.n_users, ds.n_items)
   w = graph_lib.edge_weights(g)
   model = make_model(cfg.model, ds.n_users, ds.n_items)
-  tx = optax.adam(cfg.train.learning_rate)
+  tx = optax.adam(cfg.learning_rate)
   state = steps.init_state(model, tx, jax.random.key(0))
   run_steps = steps.make_run_steps(steps.make_objective(model, cfg), tx)
   sampler = Sampler(ds.train, ds.observed, ds.n_users, ds.n_items)
@@ -41,7 +41,9 @@ def setup_run(**overrides):
 @pytest.mark.parametrize("model", ["mf", "lightgcn"])
 def test_one_step_is_finite_and_moves_params(model):
   cfg, ds, g, w, state, run_steps, sampler = setup_run(model=model)
-  batches = jax.device_put(sampler.epoch(np.random.default_rng(0), cfg.train.batch_size))
+  batches = jax.device_put(
+    sampler.epoch(np.random.default_rng(0), cfg.batch_size_for(len(ds.train)))
+  )
   before = jax.tree.map(np.array, state.params)
   state, sums = run_steps(state, g, w, batches, jnp.int32(0), jnp.int32(1))
   assert int(state.step) == 1
@@ -56,7 +58,7 @@ def test_a_few_dozen_steps_lower_the_loss():
   rng = np.random.default_rng(0)
   losses = []
   for _ in range(4):
-    batches = jax.device_put(sampler.epoch(rng, cfg.train.batch_size))
+    batches = jax.device_put(sampler.epoch(rng, cfg.batch_size_for(len(ds.train))))
     n = batches["user"].shape[0]
     state, sums = run_steps(state, g, w, batches, jnp.int32(0), jnp.int32(n))
     losses.append(float(sums["loss"]) / n)
@@ -67,7 +69,9 @@ def test_a_few_dozen_steps_lower_the_loss():
 def test_segments_equal_one_call():
   """Running an epoch in two segments gives the same parameters as one call."""
   cfg, ds, g, w, state, run_steps, sampler = setup_run()
-  batches = jax.device_put(sampler.epoch(np.random.default_rng(0), cfg.train.batch_size))
+  batches = jax.device_put(
+    sampler.epoch(np.random.default_rng(0), cfg.batch_size_for(len(ds.train)))
+  )
   n = batches["user"].shape[0]
   copy = jax.tree.map(jnp.copy, state)
   a, _ = run_steps(state, g, w, batches, jnp.int32(0), jnp.int32(n))
