@@ -31,7 +31,14 @@ import time
 from absl import app, flags
 
 # A recipe: config flags for experiments.train, and what it is.
-_PUBLISHED = dict(batch_size=2048, learning_rate=0.001, init="normal", init_std=0.1)
+_PUBLISHED = dict(
+  batch_size=2048,
+  learning_rate=0.001,
+  lr_schedule="constant",
+  init="normal",
+  init_std=0.1,
+  eval_every=1,
+)
 _LONG = dict(epochs=1000, patience=1000)
 _AUX = dict(weighting="fixed", aux_tasks="user_sgl,item_sgl")
 RECIPES = {
@@ -65,13 +72,21 @@ flags.DEFINE_multi_string(
   "set", [], "A config flag for every recipe, e.g. --set=data_path=../shared/datasets/gowalla."
 )
 flags.DEFINE_string("data_path", None, "The data set (shorthand for --set=data_path=...).")
+flags.DEFINE_list(
+  "budgets",
+  [],
+  "recipe=seconds pairs: that recipe's --time_budget_s (the published recipes run 1000 "
+  "epochs otherwise), e.g. lightgcn_published=9000.",
+)
 
 
-def recipe_flags(name: str, common: dict) -> list[str]:
+def recipe_flags(name: str, common: dict, budget_s: float | None = None) -> list[str]:
   """The experiments.train flags of a recipe, the common ones last (they win)."""
   if name not in RECIPES:
     raise ValueError(f"unknown recipe {name!r}; known: {', '.join(RECIPES)}.")
   merged = {**RECIPES[name]["flags"], **common}
+  if budget_s is not None:
+    merged["time_budget_s"] = f"{budget_s:g}"
   return [f"--{k}={v}" for k, v in merged.items()]
 
 
@@ -116,10 +131,10 @@ def value_at(points: list[dict], seconds: float) -> float | None:
   return max(seen) if seen else None
 
 
-def run_recipe(name: str, common: dict, out: str) -> dict:
+def run_recipe(name: str, common: dict, out: str, budget_s: float | None = None) -> dict:
   """Runs (or resumes, or reads back) one recipe; returns its record."""
   workdir = os.path.join(out, "runs", name)
-  args = recipe_flags(name, common) + [f"--workdir={workdir}"]
+  args = recipe_flags(name, common, budget_s) + [f"--workdir={workdir}"]
   command = "python -m experiments.train " + " ".join(shlex.quote(a) for a in args)
   record_path = os.path.join(workdir, "tta_record.json")
   done = os.path.exists(os.path.join(workdir, "final_metrics.json"))
@@ -241,6 +256,16 @@ def main(argv):
     common[key] = value
   if fv.data_path:
     common["data_path"] = fv.data_path
+  budgets = {}
+  for item in fv.budgets:
+    key, sep, value = item.partition("=")
+    try:
+      budgets[key] = float(value)
+    except ValueError:
+      sep = ""
+    if not sep or key not in fv.recipes:
+      print(f"error: --budgets entry {item!r} must be <listed recipe>=<seconds>", file=sys.stderr)
+      return 2
   unknown = [r for r in fv.recipes if r not in RECIPES]
   if unknown or (fv.reference and fv.reference not in fv.recipes):
     bad = unknown or [fv.reference]
@@ -250,7 +275,7 @@ def main(argv):
     return 2
   os.makedirs(fv.out, exist_ok=True)
   t0 = time.perf_counter()
-  records = [run_recipe(name, common, fv.out) for name in fv.recipes]
+  records = [run_recipe(name, common, fv.out, budgets.get(name)) for name in fv.recipes]
   summarise(records, fv.fraction, fv.reference, fv.reference_factor)
   with open(os.path.join(fv.out, "tta.json"), "w") as f:
     json.dump({"recipes": records, "fraction": fv.fraction}, f, indent=1)

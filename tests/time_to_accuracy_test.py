@@ -47,17 +47,22 @@ def test_end_to_end_tiny_and_resumable(tmp_path):
     "--set=synth_items=120",
     "--set=synth_interactions=2500",
     "--set=epochs=3",
+    "--budgets=lightgcn_published=3600",
   ]
   r = run_cli("experiments.time_to_accuracy", *args)
   assert r.returncode == 0, r.stderr[-3000:]
   out = json.loads((tmp_path / "tta.json").read_text())
   recs = {x["recipe"]: x for x in out["recipes"]}
   assert set(recs) == {"lightgcn_published", "lightgcn"}
+  # The published recipe validates every epoch, the fast one every 4 epochs (and the last).
+  assert [p["epoch"] for p in recs["lightgcn_published"]["points"]] == [1, 2, 3]
+  assert [p["epoch"] for p in recs["lightgcn"]["points"]] == [3]
   for rec in recs.values():
-    assert [p["epoch"] for p in rec["points"]] == [1, 2, 3]
     assert rec["t99_s"] <= rec["t_best_s"] and rec["peak_rss_mib"] > 50
     assert rec["command"].startswith("python -m experiments.train --model=lightgcn")
   assert "--batch_size=2048" in recs["lightgcn_published"]["command"]
+  assert "--time_budget_s=3600" in recs["lightgcn_published"]["command"]
+  assert "--time_budget_s" not in recs["lightgcn"]["command"]
   assert "reference" in recs["lightgcn"] and "reference" not in recs["lightgcn_published"]
   assert (tmp_path / "tta.png").stat().st_size > 1000
   assert "| lightgcn |" in (tmp_path / "tta.md").read_text()
@@ -71,3 +76,8 @@ def test_end_to_end_tiny_and_resumable(tmp_path):
 def test_unknown_recipe_is_a_clear_error(tmp_path):
   r = run_cli("experiments.time_to_accuracy", "--recipes=nope", f"--out={tmp_path}")
   assert r.returncode == 2 and "unknown or unlisted recipe 'nope'" in r.stderr
+
+
+def test_bad_budget_is_a_clear_error(tmp_path):
+  r = run_cli("experiments.time_to_accuracy", "--budgets=lightgcn=soon", f"--out={tmp_path}")
+  assert r.returncode == 2 and "must be <listed recipe>=<seconds>" in r.stderr
