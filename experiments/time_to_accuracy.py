@@ -12,8 +12,9 @@ compilation, training and every validation, not the interpreter's start-up.
 
 Outputs: OUT/tta.json (per recipe: the command, the curve, the best validation Recall@20,
 the time at which the run first reached 99% of its own best, and peak RSS), OUT/tta.md
-and OUT/tta.png (one curve per recipe). With --reference, each other recipe's best is
-compared with what the reference reached within --reference_factor times its t99.
+and OUT/tta.png (one curve per recipe). Each recipe R is compared with its reference
+(--reference; by default R_published when it is listed): what the reference had reached
+within --reference_factor times R's t99.
 
 Recipes (a config flag given with --set applies to all of them, after the recipe's own):
 """
@@ -64,7 +65,10 @@ __doc__ = __doc__.rstrip() + "\n" + "\n".join(f"  {k:24s} {v['doc']}" for k, v i
 flags.DEFINE_list("recipes", ["lightgcn_published", "lightgcn"], "Recipes to run, in order.")
 flags.DEFINE_string("out", "results/tta", "Output folder (resumable).")
 flags.DEFINE_string(
-  "reference", "", "A recipe to compare the others with (e.g. the published one)."
+  "reference",
+  "auto",
+  "The recipe every other one is compared with; auto: each recipe R with R_published, "
+  "when listed; empty: no comparison.",
 )
 flags.DEFINE_float("reference_factor", 10.0, "Compare with the reference at this x a run's t99.")
 flags.DEFINE_float("fraction", 0.99, "t99 is when a run first reaches this share of its best.")
@@ -165,18 +169,20 @@ def run_recipe(name: str, common: dict, out: str, budget_s: float | None = None)
 
 
 def summarise(records: list[dict], fraction: float, reference: str, factor: float) -> None:
-  """Adds t99 and, against the reference, the comparison at `factor` x t99 (in place)."""
+  """Adds t99 and, against the reference, the comparison at `factor` x t99 (in place).
+  `reference` "auto" compares each recipe R with R_published."""
   by_name = {r["recipe"]: r for r in records}
   for r in records:
     r.update(time_to_fraction(r["points"], fraction))
-  ref = by_name.get(reference)
   for r in records:
+    name = f"{r['recipe']}_published" if reference == "auto" else reference
+    ref = by_name.get(name)
     if ref is None or r is ref or r["t99_s"] is None:
       continue
     horizon = factor * r["t99_s"]
     ref_points = ref["points"]
     r["reference"] = {
-      "recipe": reference,
+      "recipe": name,
       "horizon_s": horizon,
       "reference_recall@20": value_at(ref_points, horizon),
       "reference_ran_s": ref_points[-1]["elapsed_s"] if ref_points else 0.0,
@@ -188,7 +194,7 @@ def write_table(records: list[dict], fraction: float, factor: float, path: str) 
   pct = f"{100 * fraction:g}%"
   lines = [
     f"| recipe | best valid Recall@20 (NDCG@20) | epoch | t to {pct} of best | t of best | "
-    f"reference at {factor:g}x t | peak RSS |",
+    f"its reference at {factor:g}x that t | peak RSS |",
     "|---|---|---|---|---|---|---|",
   ]
   for r in records:
@@ -201,7 +207,7 @@ def write_table(records: list[dict], fraction: float, factor: float, path: str) 
     elif ref["reference_recall@20"] is None:
       cmp = "not validated by then"
     else:
-      cmp = f"{ref['reference_recall@20']:.4f}"
+      cmp = f"{ref['recipe']}: {ref['reference_recall@20']:.4f}"
       if not ref["covered"]:
         cmp += f" (ran {ref['reference_ran_s'] / 60:.0f} of {ref['horizon_s'] / 60:.0f} min)"
     rss = "–" if r["peak_rss_mib"] is None else f"{r['peak_rss_mib']:,.0f} MiB"
@@ -268,7 +274,7 @@ def main(argv):
       print(f"error: --budgets entry {item!r} must be <listed recipe>=<seconds>", file=sys.stderr)
       return 2
   unknown = [r for r in fv.recipes if r not in RECIPES]
-  if unknown or (fv.reference and fv.reference not in fv.recipes):
+  if unknown or (fv.reference not in ("", "auto") and fv.reference not in fv.recipes):
     bad = unknown or [fv.reference]
     print(
       f"error: unknown or unlisted recipe {bad[0]!r}; known: {', '.join(RECIPES)}.", file=sys.stderr

@@ -36,12 +36,15 @@ def test_reference_comparison_says_when_the_reference_ran_too_short():
   assert cmp["horizon_s"] == 30.0 and cmp["reference_recall@20"] == 0.10 and cmp["covered"]
   tta.summarise([ref, fast], 0.99, "ref", 10.0)
   assert not fast["reference"]["covered"] and fast["reference"]["reference_ran_s"] == 40.0
+  # auto: each recipe against its own published version.
+  pub = {**ref, "recipe": "fast_published"}
+  tta.summarise([pub, fast], 0.99, "auto", 1.0)
+  assert fast["reference"]["recipe"] == "fast_published" and "reference" not in pub
 
 
 def test_end_to_end_tiny_and_resumable(tmp_path):
   args = [
     "--recipes=lightgcn_published,lightgcn",
-    "--reference=lightgcn_published",
     f"--out={tmp_path}",
     "--set=synth_users=100",
     "--set=synth_items=120",
