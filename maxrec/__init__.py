@@ -1,9 +1,8 @@
 """MAXRec: meta auxiliary learning for top-K recommendation, in JAX.
 
 Reimplements X. Li, C. Ma et al., "Meta Auxiliary Learning for Top-K Recommendation",
-IEEE TKDE 35(10), 2023; the equations it follows are the project's
-method specification, ../shared/METHOD.md (its section, oracle and [A#] labels appear in
-the code).
+IEEE TKDE 35(10), 2023; the equations it follows are in the repository's METHOD.md (its
+section, oracle and [A#] labels appear in the code).
 """
 
 from maxrec.config import Config, DataConfig, ModelConfig, TrainConfig
