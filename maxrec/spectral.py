@@ -56,16 +56,17 @@ def normalized_matrix(pairs: np.ndarray, n_users: int, n_items: int):
   du = np.bincount(pairs[:, 0], minlength=n_users).astype(np.float64)
   di = np.bincount(pairs[:, 1], minlength=n_items).astype(np.float64)
   w = 1.0 / np.sqrt(du[pairs[:, 0]] * di[pairs[:, 1]])
-
-  def csr(rows, cols, n_rows, n_cols):
-    order = np.lexsort((cols, rows))
-    indptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=n_rows))])
-    data = (jnp.asarray(w[order], jnp.float32), jnp.asarray(cols[order], jnp.int32))
-    return sparse.BCSR((*data, jnp.asarray(indptr, jnp.int32)), shape=(n_rows, n_cols))
-
-  r = csr(pairs[:, 0], pairs[:, 1], n_users, n_items)
-  rt = csr(pairs[:, 1], pairs[:, 0], n_items, n_users)
+  r = _csr(pairs[:, 0], pairs[:, 1], w, (n_users, n_items))
+  rt = _csr(pairs[:, 1], pairs[:, 0], w, (n_items, n_users))
   return r, rt, jnp.asarray(di, jnp.float32)
+
+
+def _csr(rows: np.ndarray, cols: np.ndarray, values: np.ndarray, shape) -> sparse.BCSR:
+  """A float32 BCSR matrix with entries `values` at (`rows`, `cols`)."""
+  order = np.lexsort((cols, rows))
+  indptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=shape[0]))])
+  data = (jnp.asarray(values[order], jnp.float32), jnp.asarray(cols[order], jnp.int32))
+  return sparse.BCSR((*data, jnp.asarray(indptr, jnp.int32)), shape=shape)
 
 
 def _orth(x: jax.Array) -> jax.Array:
@@ -158,13 +159,7 @@ def ideal_low_pass_embeddings(
   _, rt, di = normalized_matrix(pairs, n_users, n_items)
   inv_sqrt = jnp.where(di > 0, jax.lax.rsqrt(jnp.maximum(di, 1.0)), 0.0)
   pairs = np.asarray(pairs, np.int64)
-  order = np.lexsort((pairs[:, 1], pairs[:, 0]))
-  indptr = np.concatenate([[0], np.cumsum(np.bincount(pairs[:, 0], minlength=n_users))])
-  ones = jnp.ones(len(pairs), jnp.float32)
-  r = sparse.BCSR(
-    (ones, jnp.asarray(pairs[order, 1], jnp.int32), jnp.asarray(indptr, jnp.int32)),
-    shape=(n_users, n_items),
-  )
+  r = _csr(pairs[:, 0], pairs[:, 1], np.ones(len(pairs)), (n_users, n_items))
   users = r @ (svd.v * inv_sqrt[:, None])
   items = svd.v * jnp.sqrt(di)[:, None]
   return users, items
