@@ -75,7 +75,7 @@ def time_epochs(cfg, ds, timed: int) -> dict:
   trainer.state = state
   warm = 0
   if trainer.meta is not None:  # run past the first meta step, which compiles the meta step
-    first_meta = max(trainer.meta.warmup, cfg.meta.meta_every)
+    first_meta = max(trainer.meta.warmup, trainer.meta.every)
     while int(trainer.state.step) <= first_meta:
       trainer.epoch()
       warm += 1

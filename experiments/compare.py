@@ -13,17 +13,22 @@ every run.
 
 Methods, for each backbone B in {mf, lightgcn}:
   B                       the backbone alone
-  B_fixed                 fixed weights, one run per --fixed_grid value
+  B_fixed                 fixed weights of the SGL tasks (user_sgl, item_sgl), one run per
+                          --fixed_grid value (x --temperature_grid value, when given)
+  B_fixed_noise           the same grid for the noise-view tasks (user_simgcl, item_simgcl)
   B_uncertainty           uncertainty weighting (Kendall et al. 2018)
   B_meta                  meta-learned weights, CG hypergradient (the paper's method)
   B_meta_neumann, B_meta_unrolled, B_meta_first_order    other hypergradients
   B_meta_user, B_meta_item                               one auxiliary task only
+  B_meta_bpr              the meta loss BPR instead of softmax (--meta_loss=bpr)
+  B_meta_heldout          the meta loss on R_meta, carved from training (--meta_data=heldout)
 Ablations of B_meta (METHOD.md §3.2):
   B_meta_cg_iters         one run per --cg_iters_grid value (J)
   B_meta_every            one run per --meta_every_grid value (N)
   B_meta_split            one run per --meta_split_grid value (the meta split's share)
-  B_meta_replay           [A9] retrain on R_in ∪ R_meta replaying B_meta's logged weights
-                          (B_meta of the same seed must be in --methods, before it)
+  B_meta_replay           [A9] retrain on R_in ∪ R_meta replaying B_meta_heldout's logged
+                          weights (B_meta_heldout of the same seed must be in --methods,
+                          before it)
 """
 
 from __future__ import annotations
@@ -44,6 +49,9 @@ flags.DEFINE_list("methods", ["mf", "lightgcn", "lightgcn_fixed"], "Methods to c
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (each sets --seed).")
 flags.DEFINE_string("out", "results/compare", "Output folder (resumable).")
 flags.DEFINE_list("fixed_grid", ["0.001", "0.01", "0.1"], "Weights tried by *_fixed methods.")
+flags.DEFINE_list(
+  "temperature_grid", [], "InfoNCE temperatures tried by *_fixed methods (x --fixed_grid)."
+)
 flags.DEFINE_list("cg_iters_grid", ["1", "3", "5", "10", "20"], "J of *_meta_cg_iters.")
 flags.DEFINE_list("meta_every_grid", ["10", "50", "200"], "N of *_meta_every.")
 flags.DEFINE_list("meta_split_grid", ["0.05", "0.1", "0.2"], "--meta_ratio of *_meta_split.")
@@ -56,16 +64,20 @@ def _methods() -> dict[str, dict]:
   for b in ("mf", "lightgcn"):
     out[b] = dict(model=b, weighting="none")
     out[f"{b}_fixed"] = dict(model=b, weighting="fixed", grid="aux_weights")
+    noise = ("user_simgcl", "item_simgcl")
+    out[f"{b}_fixed_noise"] = dict(model=b, weighting="fixed", aux_tasks=noise, grid="aux_weights")
     out[f"{b}_uncertainty"] = dict(model=b, weighting="uncertainty")
     out[f"{b}_meta"] = dict(model=b, weighting="meta", hypergrad="cg")
     for h in ("neumann", "unrolled", "first_order"):
       out[f"{b}_meta_{h}"] = dict(model=b, weighting="meta", hypergrad=h)
+    out[f"{b}_meta_bpr"] = dict(model=b, weighting="meta", meta_loss="bpr")
+    out[f"{b}_meta_heldout"] = dict(model=b, weighting="meta", meta_data="heldout")
     out[f"{b}_meta_user"] = dict(model=b, weighting="meta", aux_tasks=("user_sgl",))
     out[f"{b}_meta_item"] = dict(model=b, weighting="meta", aux_tasks=("item_sgl",))
     out[f"{b}_meta_cg_iters"] = dict(model=b, weighting="meta", grid="cg_iters")
     out[f"{b}_meta_every"] = dict(model=b, weighting="meta", grid="meta_every")
-    out[f"{b}_meta_split"] = dict(model=b, weighting="meta", grid="meta_ratio")
-    out[f"{b}_meta_replay"] = dict(model=b, weighting="replay", replay_of=f"{b}_meta")
+    out[f"{b}_meta_split"] = dict(model=b, weighting="meta", meta_data="heldout", grid="meta_ratio")
+    out[f"{b}_meta_replay"] = dict(model=b, weighting="replay", replay_of=f"{b}_meta_heldout")
   return out
 
 
@@ -75,6 +87,7 @@ GRIDS = {
   "cg_iters": ("cg_iters_grid", int),
   "meta_every": ("meta_every_grid", int),
   "meta_ratio": ("meta_split_grid", float),
+  "ssl_temperature": ("temperature_grid", float),
 }
 
 
@@ -96,9 +109,17 @@ def expand(method: str, grids: dict[str, list[str]]) -> list[tuple[str, dict]]:
     return [(method, spec)]
   flag, parse = GRIDS[field]
   try:
-    return [(f"{method}@{v}", {**spec, field: parse(v)}) for v in grids[flag]]
+    runs = [(f"{method}@{v}", {**spec, field: parse(v)}) for v in grids[flag]]
+    if field == "aux_weights" and grids.get("temperature_grid"):  # weight x temperature
+      flag, parse = GRIDS["ssl_temperature"]
+      runs = [
+        (f"{name},tau{t}", {**o, "ssl_temperature": parse(t)})
+        for name, o in runs
+        for t in grids[flag]
+      ]
   except ValueError:
     raise ValueError(f"--{flag}={','.join(grids[flag])}: every value must be a number.") from None
+  return runs
 
 
 def run_one(base, name, overrides, seed, out):

@@ -32,6 +32,23 @@ def bpr_loss(pos_scores: jax.Array, neg_scores: jax.Array) -> jax.Array:
   return jnp.mean(jax.nn.softplus(neg_scores - pos_scores))
 
 
+def softmax_ce(scores: jax.Array, pos: jax.Array, seen: jax.Array) -> jax.Array:
+  """Mean full-softmax cross-entropy of held-out items against every item.
+
+  Args:
+    scores: [B, I] scores of B users (rows) for every item.
+    pos: [B] int, each row's held-out item.
+    seen: [B, W] int, items to leave out of each row's softmax (the user's training
+      items), padded with any id >= I (dropped).
+  Returns:
+    mean_b [log Σ_{j not seen} exp(s_bj) - s_b,pos_b], a scalar.
+  """
+  rows = jnp.arange(scores.shape[0])[:, None]
+  masked = scores.at[rows, seen].set(MASK_LOGIT, mode="drop")
+  target = jnp.take_along_axis(scores, pos[:, None], axis=1)[:, 0]
+  return jnp.mean(jax.nn.logsumexp(masked, axis=-1) - target)
+
+
 def l2_penalty(reg: float, batch_size: int, *embeddings: jax.Array) -> jax.Array:
   """`reg / (2B) * sum ||e||^2` over the given batch rows (LightGCN's `reg_loss`).
 

@@ -227,10 +227,16 @@ class MetaRunner:
   def __init__(
     self, objective, config, inner_sampler, ds, aux_params, seed, steps_per_epoch, place=None
   ):
-    from maxrec.sampling import Sampler
+    from maxrec.sampling import Sampler, SeenItems
 
     self.cfg = config.meta
-    if len(ds.meta) == 0:
+    pairs = ds.meta if self.cfg.meta_data == "heldout" else ds.valid
+    if len(pairs) == 0 and self.cfg.meta_data == "valid":
+      raise ValueError(
+        "--meta_data=valid: the split has no validation pairs; raise the "
+        "validation share of --split_ratios or use --meta_data=heldout."
+      )
+    if len(pairs) == 0:
       raise ValueError(
         "the meta split is empty: no user has --meta_min_interactions="
         f"{config.data.meta_min_interactions} training items; lower it or raise --meta_ratio."
@@ -239,10 +245,17 @@ class MetaRunner:
     self.learner = MetaLearner(objective, self.cfg, n_phi)
     self.state = self.learner.init(aux_params)
     self.inner_sampler = inner_sampler
-    self.meta_sampler = Sampler(ds.meta, ds.observed, ds.n_users, ds.n_items)
+    # negatives avoid every training pair and the meta pairs themselves
+    avoid = np.concatenate([ds.observed, pairs]) if self.cfg.meta_data == "valid" else ds.observed
+    self.meta_sampler = Sampler(pairs, avoid, ds.n_users, ds.n_items)
+    # softmax meta loss: the inner problem's training items leave each user's softmax
+    self.seen = (
+      SeenItems(ds.train, ds.n_users, ds.n_items) if self.cfg.meta_loss == "softmax" else None
+    )
     self.seed, self.key = seed, jax.random.key(config.train.seed + 2)
     self.place = jax.device_put if place is None else place
     self.warmup = self.cfg.warmup_epochs * steps_per_epoch
+    self.every = config.meta_every_for(steps_per_epoch)
     self.task_names = objective.task_names
     self.count, self.inner_s, self.inner_steps, self.meta_s = 0, 0.0, 0, []
     self._seen_inner = False
@@ -252,13 +265,14 @@ class MetaRunner:
     return (
       f"meta-learning {', '.join(self.task_names)} weights: {c.hypergrad} hypergradient "
       f"(J={c.cg_iters}, δ={c.damping_rel}·λ̂max, mixed partial by {self.learner.mixed}), "
-      f"every {c.meta_every} steps after {self.warmup} warm-up steps; "
-      f"|R_meta|={len(self.meta_sampler.pairs):,}"
+      f"every {self.every} steps after {self.warmup} warm-up steps; {c.meta_loss} meta "
+      f"loss on {len(self.meta_sampler.pairs):,} "
+      + ("held-out training pairs (R_meta)" if c.meta_data == "heldout" else "validation pairs")
     )
 
   def cut_points(self, step0: int, n: int) -> list[int]:
     """Local step counts p in 1..n after which a meta step runs (global t = step0 + p)."""
-    every = self.cfg.meta_every
+    every = self.every
     first = max(self.warmup, every)
     first = -(-first // every) * every
     return [t - step0 for t in range(first, step0 + n + 1, every) if t > step0]
@@ -277,10 +291,10 @@ class MetaRunner:
       hyper = {k: np.stack([p[k] for p in parts]) for k in parts[0]}
     else:
       hyper = self.inner_sampler.sample(rng, c.hyper_batch_size)
-    return {
-      "hyper": self.place(hyper),
-      "meta": self.place(self.meta_sampler.sample(rng, c.meta_batch_size)),
-    }
+    meta = self.meta_sampler.sample(rng, c.meta_batch_size)
+    if self.seen is not None:
+      meta = {"user": meta["user"], "pos": meta["pos"], "seen": self.seen.rows(meta["user"])}
+    return {"hyper": self.place(hyper), "meta": self.place(meta)}
 
   def step(self, train_state, graph, weights):
     """One meta step on the train state; returns (new train state, JSON record)."""

@@ -2,6 +2,7 @@
 
     L_in(θ, φ; B, ξ) = L_bpr(θ; B) + Σ_k w_k(φ) L_k(θ; B, ξ) + Ω(θ; B)
     L_meta(θ; B_m)   = L_bpr(θ; B_m)                                      [A5]
+                    or mean_(u,i)∈B_m CE(softmax_j s_uj, i), training items masked
 
 `aux_params` φ is a traced array (or pytree), so changing the weights never retraces. How
 φ maps to weights depends on the weighting scheme:
@@ -57,10 +58,14 @@ class Objective:
     weighting: one of none, fixed, uncertainty, meta.
     settings: `auxiliary.AuxSettings`.
     weight_net: optional [A6] network `net(params, features [A, 2]) -> [A, K]` (pre-softplus).
+    meta_loss: "bpr" or "softmax", the primary loss of `meta_loss` [A5].
   """
 
-  def __init__(self, model, l2_reg, tasks, weighting, settings, weight_net=None):
+  def __init__(self, model, l2_reg, tasks, weighting, settings, weight_net=None, meta_loss="bpr"):
+    if meta_loss not in ("bpr", "softmax"):
+      raise ValueError(f"meta_loss must be bpr or softmax, got {meta_loss!r}")
     self.model, self.l2_reg, self.weighting = model, l2_reg, weighting
+    self.meta_loss_kind = meta_loss
     self.tasks = tuple(auxiliary.get(t) for t in tasks) if weighting != "none" else ()
     self.settings = settings
     self.weight_net = weight_net
@@ -125,8 +130,16 @@ class Objective:
     return total
 
   def meta_loss(self, params, batch, graph: Graph, weights) -> jax.Array:
-    """[A5] The primary loss alone (BPR, no auxiliary term, no regulariser) on `batch`."""
-    return self.bpr_parts(params, batch, graph, weights)[0]
+    """[A5] The primary loss alone (no auxiliary term, no regulariser) on `batch`.
+
+    BPR on the triples {"user", "pos", "neg"}, or with meta_loss="softmax" the full-softmax
+    cross-entropy of each "pos" among all items, the items in "seen" [B, W] masked.
+    """
+    if self.meta_loss_kind == "bpr":
+      return self.bpr_parts(params, batch, graph, weights)[0]
+    fu, fi = self.model.apply({"params": params}, graph, weights)
+    scores = fu[batch["user"]] @ fi.T
+    return losses.softmax_ce(scores, batch["pos"], batch["seen"])
 
   def task_losses(self, params, batch, key, graph: Graph, weights) -> jax.Array:
     """[K] mean auxiliary losses L_k(θ) (for gradient-alignment diagnostics)."""

@@ -116,3 +116,30 @@ class Sampler:
 
   def num_batches(self, batch_size: int) -> int:
     return -(-len(self.pairs) // batch_size)
+
+
+class SeenItems:
+  """Each user's items as fixed-width rows, for masking them out of a softmax.
+
+  Args:
+    pairs: [m, 2] (user, item) pairs (a user's training items).
+    n_users, n_items: sizes; rows are padded with `n_items` (an id past every item).
+  """
+
+  def __init__(self, pairs: np.ndarray, n_users: int, n_items: int):
+    order = np.argsort(pairs[:, 0], kind="stable")
+    counts = np.bincount(pairs[:, 0], minlength=n_users)
+    self.indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    self.indices = pairs[order, 1].astype(np.int32)
+    self.n_items = n_items
+    self.width = max(int(counts.max()) if len(counts) else 0, 1)  # static: one compilation
+
+  def rows(self, users: np.ndarray) -> np.ndarray:
+    """[len(users), width] int32: each user's items, then `n_items` padding."""
+    start = self.indptr[users]
+    deg = self.indptr[users + 1] - start
+    col = np.arange(self.width)
+    inside = col[None, :] < deg[:, None]
+    out = np.full((len(users), self.width), self.n_items, np.int32)
+    out[inside] = self.indices[(start[:, None] + col[None, :])[inside]]
+    return out

@@ -91,7 +91,13 @@ def make_objective(model, cfg: Config, anchor_caps: tuple[int, int] | None = Non
     net = meta_lib.WeightNet(len(cfg.aux.tasks), init_weight=cfg.aux.initial_weights[0])
     weight_net = lambda params, feats: net.apply({"params": params}, feats)  # noqa: E731
   return Objective(
-    model, cfg.train.l2_reg, cfg.aux.tasks, cfg.aux.weighting, settings, weight_net=weight_net
+    model,
+    cfg.train.l2_reg,
+    cfg.aux.tasks,
+    cfg.aux.weighting,
+    settings,
+    weight_net=weight_net,
+    meta_loss=cfg.meta.meta_loss,
   )
 
 

@@ -47,7 +47,8 @@ class Progress:
   best_valid: dict = dataclasses.field(default_factory=dict)
   best_params: Any = None
   best_aux: Any = None
-  bad_evals: int = 0
+  bad_evals: int = 0  # validations without improvement, counted once the model learns
+  improvements: int = 0  # validations that set a new best (the first always does)
   elapsed_s: float = 0.0  # wall time of the run's earlier sessions (resumption)
 
 
@@ -192,7 +193,7 @@ def train_and_evaluate(config: Config, workdir: str, resume: bool = False) -> di
   def out_of_time() -> bool:
     return budget > 0 and prog.elapsed_s + time.perf_counter() - t_start > budget
 
-  while prog.epoch < cfg.train.epochs and prog.bad_evals < cfg.train.patience:
+  while prog.epoch < cfg.epochs and prog.bad_evals < cfg.train.patience:
     if prog.epoch > 0 and out_of_time():
       logging.info("time budget: stopping after epoch %d (--time_budget_s=%g)", prog.epoch, budget)
       break
@@ -233,7 +234,7 @@ def train_and_evaluate(config: Config, workdir: str, resume: bool = False) -> di
       msg += " | w " + " ".join(f"{k}={record['weight_' + k]:.3g}" for k in objective.task_names)
     msg += f" | {t_epoch:.2f}s ({record['interactions_per_s']:,.0f} interactions/s)"
     prog.epoch = epoch
-    if epoch % cfg.eval_every == 0 or epoch == cfg.train.epochs:
+    if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
       valid = metrics.evaluate(*trainer.embeddings(), valid_set, ks)
       record["valid"] = valid
       msg += f" | valid {_fmt(valid, ('recall@20', 'ndcg@20'))}"
@@ -241,9 +242,9 @@ def train_and_evaluate(config: Config, workdir: str, resume: bool = False) -> di
         prog.best_epoch, prog.best_score, prog.best_valid = epoch, valid[select], valid
         prog.best_params = jax.tree.map(jnp.copy, trainer.state.params)
         prog.best_aux = jax.tree.map(jnp.copy, trainer.state.aux_params)
-        prog.bad_evals = 0
-      else:
-        prog.bad_evals += 1
+        prog.bad_evals, prog.improvements = 0, prog.improvements + 1
+      elif prog.improvements >= 2:  # a model that never beat its first validation has not
+        prog.bad_evals += 1  # started to learn: patience waits (LightGCN may need 10x MF's epochs)
     logging.info("%s | elapsed %.1fs", msg, record["elapsed_s"])
     files.append("metrics.jsonl", record)
     if prog.bad_evals >= cfg.train.patience:
@@ -311,17 +312,19 @@ def config_warnings(cfg: Config, steps_per_epoch: int) -> list[str]:
       f"{m}: the replay should train on the meta run's split and seed."
       for m in replay.split_mismatches(cfg.aux.replay_from, cfg.flat())
     ]
-  if cfg.aux.weighting == "meta" and cfg.meta.meta_every > 2 * steps_per_epoch:
+  every = cfg.meta_every_for(steps_per_epoch)
+  if cfg.aux.weighting == "meta" and 0 < (cfg.epochs * steps_per_epoch) // every < 5:
     out.append(
-      f"--meta_every={cfg.meta.meta_every} is more than two epochs ({steps_per_epoch} steps "
-      "each): the weights will change rarely; consider a smaller --meta_every."
+      f"meta steps every {every} steps over {cfg.epochs} epochs of {steps_per_epoch} steps: "
+      "fewer than 5 meta steps, the weights will change little; lower --meta_every or "
+      "raise --epochs."
     )
   if cfg.aux.weighting == "meta":
-    first = max(cfg.meta.warmup_epochs * steps_per_epoch, cfg.meta.meta_every)
-    if first > cfg.train.epochs * steps_per_epoch:
+    first = max(cfg.meta.warmup_epochs * steps_per_epoch, every)
+    if first > cfg.epochs * steps_per_epoch:
       out.append(
         f"no meta step will run: the first comes after step {first}, but --epochs="
-        f"{cfg.train.epochs} gives {cfg.train.epochs * steps_per_epoch} steps."
+        f"{cfg.epochs} gives {cfg.epochs * steps_per_epoch} steps."
       )
   return out
 

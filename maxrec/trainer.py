@@ -295,7 +295,7 @@ def make_optimizer(cfg: Config, steps_per_epoch: int) -> optax.GradientTransform
   down to 1% of it over --epochs x `steps_per_epoch` steps)."""
   lr = cfg.learning_rate
   if cfg.lr_schedule == "cosine":
-    lr = optax.cosine_decay_schedule(lr, max(cfg.train.epochs * steps_per_epoch, 1), alpha=0.01)
+    lr = optax.cosine_decay_schedule(lr, max(cfg.epochs * steps_per_epoch, 1), alpha=0.01)
   return optax.adam(lr) if cfg.train.optimizer == "adam" else optax.sgd(lr)
 
 

@@ -49,7 +49,7 @@ def test_ablation_grids_and_replay(tmp_path):
   out = tmp_path / "cmp"
   r = run(
     out,
-    "--methods=mf_meta,mf_meta_replay,mf_meta_cg_iters,mf_meta_split",
+    "--methods=mf_meta_heldout,mf_meta_replay,mf_meta_cg_iters,mf_meta_split",
     "--cg_iters_grid=1,3",
     "--meta_split_grid=0.2",
     "--seeds=0",
@@ -58,7 +58,7 @@ def test_ablation_grids_and_replay(tmp_path):
   with open(out / "results.csv") as f:
     runs = {row["run"] for row in csv.DictReader(f)}
   assert runs == {
-    "mf_meta",
+    "mf_meta_heldout",
     "mf_meta_replay",
     "mf_meta_cg_iters@1",
     "mf_meta_cg_iters@3",
@@ -69,9 +69,9 @@ def test_ablation_grids_and_replay(tmp_path):
   assert cfg["cg_iters"] == 3
   summary = {
     m: json.loads((runs_dir / m / "seed0" / "data_summary.json").read_text())
-    for m in ("mf_meta", "mf_meta_replay", "mf_meta_split@0.2")
+    for m in ("mf_meta_heldout", "mf_meta_replay", "mf_meta_split@0.2")
   }
-  meta, replayed = summary["mf_meta"], summary["mf_meta_replay"]
+  meta, replayed = summary["mf_meta_heldout"], summary["mf_meta_replay"]
   assert meta["n_meta"] > 0 and replayed["n_meta"] == 0
   assert replayed["n_train"] == meta["n_train"] + meta["n_meta"]
   assert replayed["n_valid"] == meta["n_valid"] and replayed["n_test"] == meta["n_test"]
@@ -81,3 +81,38 @@ def test_ablation_grids_and_replay(tmp_path):
 def test_replay_needs_its_meta_run(tmp_path):
   r = run(tmp_path, "--methods=mf_meta_replay", "--seeds=0")
   assert r.returncode == 1 and "list mf_meta before mf_meta_replay" in r.stderr
+
+
+def test_fixed_families_grid_weight_by_temperature():
+  """--temperature_grid crosses the fixed weights with InfoNCE temperatures, for the SGL
+  and the noise-view families; without it the names stay `B_fixed@w`. (In a child: the
+  module defines absl flags that other experiment modules define too.)"""
+  code = """
+import json
+from experiments.compare import expand
+grids = {"fixed_grid": ["0.1", "1"], "temperature_grid": ["0.2", "0.5"]}
+plain = {"fixed_grid": ["0.1"], "temperature_grid": []}
+print(json.dumps([dict(expand("lightgcn_fixed_noise", grids)), dict(expand("lightgcn_fixed", plain))]))
+"""
+  import subprocess
+  import sys
+
+  from helpers import ROOT
+
+  out = subprocess.run(
+    [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+  )
+  assert out.returncode == 0, out.stderr[-2000:]
+  runs, plain = json.loads(out.stdout)
+  assert set(runs) == {
+    "lightgcn_fixed_noise@0.1,tau0.2",
+    "lightgcn_fixed_noise@0.1,tau0.5",
+    "lightgcn_fixed_noise@1,tau0.2",
+    "lightgcn_fixed_noise@1,tau0.5",
+  }
+  o = runs["lightgcn_fixed_noise@1,tau0.5"]
+  assert o["aux_weights"] == [1.0] and o["ssl_temperature"] == 0.5
+  assert o["aux_tasks"] == ["user_simgcl", "item_simgcl"]
+  assert (
+    set(plain) == {"lightgcn_fixed@0.1"} and "ssl_temperature" not in plain["lightgcn_fixed@0.1"]
+  )

@@ -79,3 +79,19 @@ def test_lightgcn_fast_recipe_defaults_and_mf_defaults():
     Config.from_flat(lr_schedule="step")
   with pytest.raises(ValueError, match="--init='svd' is not one of"):
     Config.from_flat(init="svd")
+
+
+def test_epochs_and_meta_schedule_defaults_follow_the_model():
+  lg = Config.from_flat(model="lightgcn", weighting="none")
+  lg_aux = Config.from_flat(model="lightgcn", weighting="fixed")
+  mf = Config.from_flat(model="mf")
+  assert (lg.epochs, lg_aux.epochs, mf.epochs) == (100, 20, 100)
+  assert Config.from_flat(model="lightgcn", epochs=7).epochs == 7
+  assert lg_aux.meta_every_for(10) == 30 and mf.meta_every_for(36) == 50
+  assert Config.from_flat(model="lightgcn", meta_every=4).meta_every_for(10) == 4
+  meta = Config.from_flat()  # the main job: softmax meta loss on the validation pairs
+  assert (meta.meta.meta_loss, meta.meta.meta_data, meta.meta_ratio) == ("softmax", "valid", 0.0)
+  held = Config.from_flat(meta_data="heldout")
+  assert held.meta_ratio == 0.1
+  with pytest.raises(ValueError, match="--meta_every=0 must be >= 1"):
+    Config.from_flat(meta_every=0)

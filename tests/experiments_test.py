@@ -3,6 +3,7 @@
 import json
 import math
 
+import pytest
 from helpers import run_cli
 
 
@@ -104,3 +105,43 @@ def test_graph_filter_validates_ranks_and_tests_the_best(tmp_path):
   r = run_cli("experiments.graph_filter", "--synth_users=150", "--synth_items=120",
               "--synth_interactions=3000", "--ranks=500", f"--out={tmp_path}")  # fmt: skip
   assert r.returncode == 1 and "rank=500 must be in" in r.stderr
+
+
+def test_meta_objectives_scores_each_run_on_the_validation_pairs(tmp_path):
+  """Two trained runs (MF after 1 and after 10 epochs): the script recomputes each held-out
+  loss from the saved embeddings (checked here against NumPy for BPR's bounds and the
+  softmax cross-entropy's definition) and reports the rank correlations."""
+  import numpy as np
+
+  data = ["--synth_users=80", "--synth_items=100", "--synth_interactions=2000"]
+  for name, epochs in (("short", 1), ("long", 10)):
+    r = run_train(*data, "--weighting=none", f"--epochs={epochs}", "--learning_rate=0.01",
+                  f"--workdir={tmp_path}/cmp/runs/{name}/seed0")  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+  r = run_cli("experiments.meta_objectives", *data, f"--runs={tmp_path}/cmp",
+              f"--out={tmp_path}/mo")  # fmt: skip
+  assert r.returncode == 0, r.stderr[-2000:]
+  out = json.loads((tmp_path / "mo" / "meta_objectives.json").read_text())
+  rows = {row["run"]: row for row in out["runs"]}
+  assert set(rows) == {"short/seed0", "long/seed0"}
+  assert set(out["spearman"]) == {"bpr", "softmax"}
+  # the softmax loss of one model, from its definition (training items masked)
+  from maxrec import data as data_lib
+  from maxrec import recommend
+  from maxrec.config import Config
+
+  cfg = Config.from_flat(synth_users=80, synth_items=100, synth_interactions=2000)
+  ds = data_lib.load_dataset(cfg.data, seed=0)
+  m = recommend.load_model(str(tmp_path / "cmp" / "runs" / "long" / "seed0"))
+  ce = []
+  for u, i in ds.valid:
+    s = m.user_emb[u].astype(np.float64) @ m.item_emb.T.astype(np.float64)
+    keep = np.ones(ds.n_items, bool)
+    keep[ds.train[ds.train[:, 0] == u, 1]] = False
+    ce.append(np.log(np.exp(s[keep]).sum()) - s[i])
+  assert rows["long/seed0"]["softmax"] == pytest.approx(np.mean(ce), rel=1e-4)
+  assert 0 < rows["long/seed0"]["bpr"] < rows["short/seed0"]["bpr"] < math.log(2) + 0.05
+  assert "Spearman" in (tmp_path / "mo" / "meta_objectives.md").read_text()
+  r = run_cli("experiments.meta_objectives", *data, f"--runs={tmp_path}/none",
+              f"--out={tmp_path}/mo")  # fmt: skip
+  assert r.returncode == 2 and "no finished run" in r.stderr

@@ -93,3 +93,18 @@ def test_unique_ids():
   uniq, valid = losses.unique_ids(jnp.array([3, 1, 3, 0, 1]))
   assert list(np.asarray(uniq)[np.asarray(valid)]) == [0, 1, 3]
   assert int(valid.sum()) == 3
+
+
+def test_softmax_ce_closed_form_with_mask_and_padding(x64):
+  scores = jnp.array([[1.0, 2.0, 3.0, 0.5], [0.0, -1.0, 2.0, 1.0]])
+  pos = jnp.array([1, 3])
+  seen = jnp.array([[2, 4], [0, 4]])  # 4 is padding (>= I): dropped
+  row0 = np.log(np.exp(1.0) + np.exp(2.0) + np.exp(0.5)) - 2.0
+  row1 = np.log(np.exp(-1.0) + np.exp(2.0) + np.exp(1.0)) - 1.0
+  got = losses.softmax_ce(scores, pos, seen)
+  np.testing.assert_allclose(float(got), (row0 + row1) / 2, rtol=1e-12)
+  # the masked scores get no gradient; the others get softmax - onehot
+  g = jax.grad(lambda s: losses.softmax_ce(s, pos, seen))(scores)
+  assert float(g[0, 2]) == 0.0 and float(g[1, 0]) == 0.0
+  p0 = np.exp([1.0, 2.0, 0.5]) / np.sum(np.exp([1.0, 2.0, 0.5]))
+  np.testing.assert_allclose(np.asarray(g[0])[[0, 1, 3]], (p0 - [0, 1, 0]) / 2, rtol=1e-12)

@@ -134,6 +134,7 @@ TINY = dict(
 
 
 def _setup(**kw):
+  kw = {"meta_data": "heldout", "meta_loss": "bpr", **kw}  # R_meta triples unless asked
   cfg = Config.from_flat(**TINY, weighting="meta", hyper_batch_size=64, meta_batch_size=64, **kw)
   ds = data.load_dataset(cfg.data, seed=0, meta_ratio=cfg.meta_ratio)
   g = graph_lib.build_graph(ds.train, ds.n_users, ds.n_items)
@@ -184,6 +185,64 @@ def test_meta_step_equals_dense_ift_with_fixed_batch_and_key(model):
   assert not bool(info["skipped"]) and int(ms.num_updates) == 1
   # the Adam step moves each φ against its hypergradient's sign
   assert np.all(np.sign(np.asarray(new_phi - phi)) == -np.sign(np.asarray(dense)))
+
+
+@pytest.mark.parametrize("meta_data", ["heldout", "valid"])
+def test_softmax_meta_step_equals_dense_ift(meta_data):
+  """The softmax meta loss through the MetaRunner's own batches (validation pairs, or
+  R_meta, with each user's training items masked) gives the dense damped hypergradient."""
+  cfg, ds, g, w, obj, phi, state, sampler = _setup(
+    model="lightgcn",
+    meta_loss="softmax",
+    meta_data=meta_data,
+    cg_iters=200,
+    num_layers=1,
+    embedding_dim=2,
+    damping_rel=2.0,
+    init_std=0.5,
+    power_iters=100,
+  )
+  assert (len(ds.meta) == 0) == (meta_data == "valid")
+  runner = meta_lib.MetaRunner(obj, cfg, sampler, ds, phi, 0, steps_per_epoch=10)
+  batches = runner._batches()
+  pairs = ds.valid if meta_data == "valid" else ds.meta
+  meta = jax.device_get(batches["meta"])
+  assert set(meta) == {"user", "pos", "seen"}
+  held = set(map(tuple, pairs.tolist()))
+  assert all((u, i) in held for u, i in zip(meta["user"], meta["pos"]))
+  train_items = {u: set(ds.train[ds.train[:, 0] == u, 1]) for u in np.unique(meta["user"])}
+  for u, row in zip(meta["user"], meta["seen"]):
+    assert set(row[row < ds.n_items].tolist()) == train_items[u]
+  key = jax.random.key(5)
+  learner = runner.learner
+  new_phi, ms, info = learner.step(
+    state.params, learner.init(phi), phi, batches, key, jnp.asarray(True), g, w
+  )
+  inner = lambda p, h: obj.inner_loss(p, h, batches["hyper"], key, g, w)[0]  # noqa: E731
+  meta_loss = lambda p: obj.meta_loss(p, batches["meta"], g, w)  # noqa: E731
+  delta = float(info["damping"])
+  dense, _ = jax.jit(
+    lambda p, h: implicit.hypergradient(inner, meta_loss, p, h, method="exact", damping=delta)
+  )(state.params, phi)
+  np.testing.assert_allclose(info["hypergrad"], dense, rtol=2e-3, atol=1e-9)
+  # the softmax meta loss is the masked cross-entropy, computed here from its definition
+  fu, fi = (np.asarray(x, np.float64) for x in obj.model.apply({"params": state.params}, g, w))
+  expect = []
+  for u, i in zip(meta["user"], meta["pos"]):
+    s = fu[u] @ fi.T
+    keep = np.ones(ds.n_items, bool)
+    keep[list(train_items[u])] = False
+    expect.append(np.log(np.sum(np.exp(s[keep]))) - s[i])
+  assert float(meta_loss(state.params)) == pytest.approx(np.mean(expect), rel=1e-4)
+
+
+def test_meta_data_valid_needs_no_carved_split_and_rejects_meta_ratio():
+  cfg = Config.from_flat(**TINY, weighting="meta", meta_data="valid")
+  assert cfg.meta_ratio == 0.0
+  with pytest.raises(ValueError, match="--meta_data=valid"):
+    Config.from_flat(**TINY, weighting="meta", meta_data="valid", meta_ratio=0.1)
+  with pytest.raises(ValueError, match="--meta_loss='ce' is not one of bpr, softmax"):
+    Config.from_flat(**TINY, weighting="meta", meta_loss="ce")
 
 
 def test_non_finite_hypergradient_skips_the_update():

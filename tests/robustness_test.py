@@ -18,7 +18,10 @@ def cli(*args):
     (["--model=svd"], "--model"),
     (["--weighting=meta", "--aux_tasks="], "--weighting=meta needs at least one task"),
     (["--aux_tasks=user_sgl,nope"], "unknown task 'nope'"),
-    (["--weighting=meta", "--meta_ratio=0"], "--weighting=meta needs a meta split"),
+    (
+      ["--weighting=meta", "--meta_data=heldout", "--meta_ratio=0"],
+      "--weighting=meta needs a meta split",
+    ),
     (["--embedding_dim=0"], "--embedding_dim=0 must be >= 1"),
     (["--mesh_devices=4", "--data_path=/no/such/file"], "--mesh_devices=4: 1 device"),
     (["--resume"], "--resume needs the --workdir"),
@@ -41,8 +44,10 @@ def test_full_work_directory_is_reported_at_start(tmp_path, monkeypatch):
 
 
 def test_warnings_for_odd_meta_settings():
-  cfg = Config.from_flat(meta_every=500)
-  assert any("more than two epochs" in w for w in train.config_warnings(cfg, 36))
+  cfg = Config.from_flat(meta_every=500)  # 100 epochs x 36 steps: 7 meta steps, no warning
+  assert not any("fewer than 5 meta steps" in w for w in train.config_warnings(cfg, 36))
+  cfg = Config.from_flat(meta_every=1000)
+  assert any("fewer than 5 meta steps" in w for w in train.config_warnings(cfg, 36))
   cfg = Config.from_flat(epochs=1)
   assert any("no meta step will run" in w for w in train.config_warnings(cfg, 36))
   assert train.config_warnings(Config.from_flat(), 36) == []

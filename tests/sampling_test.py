@@ -67,3 +67,16 @@ def test_observed_is_exact_where_the_bloom_filter_has_false_positives():
   assert flagged[truth[users, items]].all()  # no false negatives
   assert (flagged & ~truth[users, items]).sum() > 1000  # the exact check has work to do
   np.testing.assert_array_equal(sampler.observed(users, items), truth[users, items])
+
+
+def test_seen_items_rows_hold_each_users_items_then_padding():
+  from maxrec.sampling import SeenItems
+
+  pairs = np.array([[0, 3], [2, 1], [0, 1], [2, 4], [2, 0]], np.int32)
+  seen = SeenItems(pairs, n_users=4, n_items=5)
+  assert seen.width == 3
+  rows = seen.rows(np.array([2, 0, 1, 2]))
+  assert rows.shape == (4, 3) and rows.dtype == np.int32
+  assert sorted(rows[0]) == [0, 1, 4] and sorted(rows[3]) == [0, 1, 4]
+  assert sorted(rows[1][rows[1] < 5]) == [1, 3] and rows[1][-1] == 5
+  assert (rows[2] == 5).all()  # user 1 has no items

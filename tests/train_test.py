@@ -221,3 +221,11 @@ def test_time_budget_stops_after_the_first_epoch_past_it(tmp_path):
   cfg = Config.from_flat(**TINY, epochs=50, time_budget_s=1e-9)
   final = train.train_and_evaluate(cfg, str(tmp_path))
   assert final["epochs_run"] == 1 and final["best_epoch"] == 1
+
+
+def test_patience_waits_until_the_model_has_started_to_learn(tmp_path):
+  """A model that has not beaten its first validation is not stopped early: with a
+  learning rate too small to change anything, patience 1 still runs every epoch."""
+  cfg = Config.from_flat(**TINY, epochs=4, patience=1, learning_rate=1e-12)
+  final = train.train_and_evaluate(cfg, str(tmp_path))
+  assert final["epochs_run"] == 4 and final["best_epoch"] == 1
