@@ -219,7 +219,7 @@ class TrainConfig:
   patience: int = _f(
     10,
     "Early stopping: validations without improvement before stopping, counted only once "
-    "the model has beaten its first validation (it has started to learn).",
+    "the model's best validation score beats popularity's (it has started to learn).",
   )
   time_budget_s: float = _f(
     0.0,
@@ -305,7 +305,11 @@ class AuxConfig:
     "Auxiliary tasks by registered name: user_sgl, item_sgl, user_simgcl, item_simgcl, item_cooc.",
   )
   aux_weights: tuple[float, ...] = _f(
-    (0.1,), "Fixed weights (or initial weights), one for all tasks or one per task."
+    (0.01,),
+    "Fixed weights (or initial weights), one for all tasks or one per task. 0.01: where "
+    "the tasks hurt (MovieLens, the built-in set) a start at 0.1 does its harm before "
+    "the meta-learner can lower it; where they help it raises 0.01 tenfold in six meta "
+    "steps (RESULTS.md).",
   )
   ssl_temperature: float = _f(0.2, "InfoNCE temperature τ.")
   ssl_anchors: int = _f(
@@ -404,10 +408,17 @@ class MetaConfig:
   )
   warmup_epochs: int = _f(1, "W: inner epochs before the first meta step.")
   meta_lr: float = _f(
-    0.05, "Adam learning rate on φ (METHOD.md suggests 1e-2; 0.05 won on ML-100K validation)."
+    0.5,
+    "Adam learning rate on φ. Adam's steps are about this size whatever the "
+    "hypergradient's scale, and for small weights φ ≈ log w: each meta step can scale a "
+    "weight by up to e^0.5 = 1.65, so a few dozen meta steps span 0.001 to 1.",
   )
   meta_clip: float = _f(10.0, "Global-norm clip of the hypergradient.")
-  meta_batch_size: int = _f(4096, "|B_m|: triples from the meta split per meta step.")
+  meta_batch_size: int | None = _f(
+    None,
+    "|B_m|: held-out pairs per meta step. Empty: 1024 with the softmax meta loss (each "
+    "scored against every item), 4096 triples with BPR.",
+  )
   hyper_batch_size: int = _f(2048, "|B_h|: inner triples defining the Hessian per meta step.")
   w_max: float = _f(10.0, "Upper bound on each learned weight.")
   unroll_steps: int = _f(5, "T: SGD steps differentiated through by --hypergrad=unrolled.")
@@ -428,7 +439,11 @@ class MetaConfig:
     _check_choice("hypergrad", self.hypergrad, HYPERGRADS)
     _check_choice("meta_loss", self.meta_loss, META_LOSSES)
     _check_choice("meta_data", self.meta_data, META_DATA)
-    for name in ("power_iters", "power_every", "meta_batch_size", "hyper_batch_size"):
+    _check(
+      self.meta_batch_size is None or self.meta_batch_size >= 1,
+      f"--meta_batch_size={self.meta_batch_size} must be >= 1.",
+    )
+    for name in ("power_iters", "power_every", "hyper_batch_size"):
       _check(getattr(self, name) >= 1, f"--{name}={getattr(self, name)} must be >= 1.")
     _check(
       self.meta_every is None or self.meta_every >= 1,
@@ -532,6 +547,13 @@ class Config:
     if self.meta.meta_every is not None:
       return self.meta.meta_every
     return 3 * steps_per_epoch if self.model.model == "lightgcn" else 50
+
+  @property
+  def meta_batch_size(self) -> int:
+    """--meta_batch_size, else 1024 (softmax meta loss) or 4096 (BPR)."""
+    if self.meta.meta_batch_size is not None:
+      return self.meta.meta_batch_size
+    return 1024 if self.meta.meta_loss == "softmax" else 4096
 
   @property
   def meta_ratio(self) -> float:

@@ -230,6 +230,7 @@ class MetaRunner:
     from maxrec.sampling import Sampler, SeenItems
 
     self.cfg = config.meta
+    self.meta_batch_size = config.meta_batch_size
     pairs = ds.meta if self.cfg.meta_data == "heldout" else ds.valid
     if len(pairs) == 0 and self.cfg.meta_data == "valid":
       raise ValueError(
@@ -291,7 +292,7 @@ class MetaRunner:
       hyper = {k: np.stack([p[k] for p in parts]) for k in parts[0]}
     else:
       hyper = self.inner_sampler.sample(rng, c.hyper_batch_size)
-    meta = self.meta_sampler.sample(rng, c.meta_batch_size)
+    meta = self.meta_sampler.sample(rng, self.meta_batch_size)
     if self.seen is not None:
       meta = {"user": meta["user"], "pos": meta["pos"], "seen": self.seen.rows(meta["user"])}
     return {"hyper": self.place(hyper), "meta": self.place(meta)}

@@ -47,8 +47,7 @@ class Progress:
   best_valid: dict = dataclasses.field(default_factory=dict)
   best_params: Any = None
   best_aux: Any = None
-  bad_evals: int = 0  # validations without improvement, counted once the model learns
-  improvements: int = 0  # validations that set a new best (the first always does)
+  bad_evals: int = 0  # validations without improvement, once the model beats popularity
   elapsed_s: float = 0.0  # wall time of the run's earlier sessions (resumption)
 
 
@@ -189,6 +188,10 @@ def train_and_evaluate(config: Config, workdir: str, resume: bool = False) -> di
 
   ks, select = cfg.train.topk, cfg.train.early_stop_metric
   budget = cfg.train.time_budget_s
+  # Patience counts only once the model ranks validation items better than popularity:
+  # before that it has not started to learn (LightGCN may need 10x MF's epochs).
+  pop_u, pop_i = metrics.popularity_embeddings(ds.observed, ds.n_users, ds.n_items)
+  learned_at = metrics.evaluate(pop_u, pop_i, valid_set, ks)[select]
 
   def out_of_time() -> bool:
     return budget > 0 and prog.elapsed_s + time.perf_counter() - t_start > budget
@@ -242,9 +245,9 @@ def train_and_evaluate(config: Config, workdir: str, resume: bool = False) -> di
         prog.best_epoch, prog.best_score, prog.best_valid = epoch, valid[select], valid
         prog.best_params = jax.tree.map(jnp.copy, trainer.state.params)
         prog.best_aux = jax.tree.map(jnp.copy, trainer.state.aux_params)
-        prog.bad_evals, prog.improvements = 0, prog.improvements + 1
-      elif prog.improvements >= 2:  # a model that never beat its first validation has not
-        prog.bad_evals += 1  # started to learn: patience waits (LightGCN may need 10x MF's epochs)
+        prog.bad_evals = 0
+      elif prog.best_score > learned_at:
+        prog.bad_evals += 1
     logging.info("%s | elapsed %.1fs", msg, record["elapsed_s"])
     files.append("metrics.jsonl", record)
     if prog.bad_evals >= cfg.train.patience:

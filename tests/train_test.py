@@ -224,8 +224,13 @@ def test_time_budget_stops_after_the_first_epoch_past_it(tmp_path):
 
 
 def test_patience_waits_until_the_model_has_started_to_learn(tmp_path):
-  """A model that has not beaten its first validation is not stopped early: with a
-  learning rate too small to change anything, patience 1 still runs every epoch."""
+  """Patience counts only once the model beats popularity on validation: with a learning
+  rate too small to change anything the random model never does, and patience 1 still
+  runs every epoch; a model that learns is stopped by the same patience."""
   cfg = Config.from_flat(**TINY, epochs=4, patience=1, learning_rate=1e-12)
-  final = train.train_and_evaluate(cfg, str(tmp_path))
-  assert final["epochs_run"] == 4 and final["best_epoch"] == 1
+  final = train.train_and_evaluate(cfg, str(tmp_path / "stuck"))
+  assert final["epochs_run"] == 4
+  assert final["valid"]["recall@20"] < final["popularity"]["recall@20"] + 0.05
+  cfg = Config.from_flat(**TINY, epochs=60, patience=1, learning_rate=0.05)
+  final = train.train_and_evaluate(cfg, str(tmp_path / "learns"))
+  assert final["epochs_run"] < 60 and final["valid"]["recall@20"] > 0.1
