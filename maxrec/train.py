@@ -237,7 +237,7 @@ def train_and_evaluate(config: Config, workdir: str, resume: bool = False) -> di
       msg += " | w " + " ".join(f"{k}={record['weight_' + k]:.3g}" for k in objective.task_names)
     msg += f" | {t_epoch:.2f}s ({record['interactions_per_s']:,.0f} interactions/s)"
     prog.epoch = epoch
-    if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
+    if cfg.validates_after(epoch):
       valid = metrics.evaluate(*trainer.embeddings(), valid_set, ks)
       record["valid"] = valid
       msg += f" | valid {_fmt(valid, ('recall@20', 'ndcg@20'))}"

@@ -95,3 +95,11 @@ def test_epochs_and_meta_schedule_defaults_follow_the_model():
   assert held.meta_ratio == 0.1
   with pytest.raises(ValueError, match="--meta_every=0 must be >= 1"):
     Config.from_flat(meta_every=0)
+
+
+def test_default_validation_schedule_checks_the_first_epochs():
+  lg, mf = Config.from_flat(model="lightgcn", epochs=10), Config.from_flat(model="mf", epochs=3)
+  assert [e for e in range(1, 11) if lg.validates_after(e)] == [1, 2, 3, 4, 8, 10]
+  assert [e for e in range(1, 4) if mf.validates_after(e)] == [1, 2, 3]
+  set_ = Config.from_flat(model="lightgcn", epochs=10, eval_every=4)  # as given
+  assert [e for e in range(1, 11) if set_.validates_after(e)] == [4, 8, 10]
