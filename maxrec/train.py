@@ -25,7 +25,7 @@ from absl import logging
 
 from maxrec import checkpoint, metrics, recommend, replay, sharding
 from maxrec import data as data_lib
-from maxrec.config import Config, ModelConfig
+from maxrec.config import Config, MetaConfig, ModelConfig
 from maxrec.objective import aux_weights
 from maxrec.runfiles import RunFiles
 from maxrec.trainer import Trainer, _sharded_config
@@ -65,6 +65,8 @@ def _check_resumable(files: RunFiles, cfg: Config) -> None:
   before = {k: before.get(k, defaults[k]) for k in now}
   # The cosine schedule runs over --epochs: changing them would change the trained steps.
   free = [k for k in RESUMABLE_CHANGES if not (k == "epochs" and cfg.lr_schedule != "constant")]
+  if cfg.aux.weighting != "meta":  # the meta-learner's settings have no effect on this run
+    free += [f.name for f in dataclasses.fields(MetaConfig)]
   changed = sorted(k for k in now if k not in free and before[k] != now[k])
   if changed:
     details = ", ".join(f"--{k}={before.get(k)!r} -> {now[k]!r}" for k in changed)

@@ -123,3 +123,22 @@ def test_resume_accepts_fields_added_since_the_run_started(tmp_path):
   (tmp_path / "config.json").write_text(json.dumps(old))
   final = train.train_and_evaluate(cfg, str(tmp_path), resume=True)
   assert final["epochs_run"] == 2
+
+
+def test_resume_ignores_meta_settings_of_a_run_without_meta_learning(tmp_path):
+  """A fixed-weight run resumes whatever the meta-learner's settings say; a meta run
+  refuses a changed meta setting."""
+  from maxrec import train
+  from maxrec.config import Config
+
+  tiny = dict(synth_users=60, synth_items=120, synth_interactions=900, epochs=2)
+  cfg = Config.from_flat(weighting="fixed", **tiny)
+  train.train_and_evaluate(cfg.replace(epochs=1), str(tmp_path / "fixed"))
+  (tmp_path / "fixed" / "final_metrics.json").unlink()
+  final = train.train_and_evaluate(cfg.replace(meta_lr=0.1), str(tmp_path / "fixed"), resume=True)
+  assert final["epochs_run"] == 2
+  meta = Config.from_flat(weighting="meta", meta_every=5, **tiny)
+  train.train_and_evaluate(meta.replace(epochs=1), str(tmp_path / "meta"))
+  (tmp_path / "meta" / "final_metrics.json").unlink()
+  with pytest.raises(ValueError, match="--meta_lr=0.5 -> 0.1"):
+    train.train_and_evaluate(meta.replace(meta_lr=0.1), str(tmp_path / "meta"), resume=True)
