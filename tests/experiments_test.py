@@ -145,3 +145,23 @@ def test_meta_objectives_scores_each_run_on_the_validation_pairs(tmp_path):
   r = run_cli("experiments.meta_objectives", *data, f"--runs={tmp_path}/none",
               f"--out={tmp_path}/mo")  # fmt: skip
   assert r.returncode == 2 and "no finished run" in r.stderr
+
+
+def test_buckets_split_the_test_metric_by_user_activity(tmp_path):
+  """The per-group recalls, weighted by each group's evaluated users, give back the run's
+  own test Recall@20: the groups partition the test users and use the same protocol."""
+  data = ["--synth_users=80", "--synth_items=100", "--synth_interactions=2000"]
+  r = run_train(*data, "--weighting=none", "--epochs=3", "--learning_rate=0.01",
+                f"--workdir={tmp_path}/cmp/runs/mf/seed0")  # fmt: skip
+  assert r.returncode == 0, r.stderr[-2000:]
+  r = run_cli("experiments.buckets", *data, "--buckets=3", f"--runs={tmp_path}/cmp",
+              f"--out={tmp_path}/b")  # fmt: skip
+  assert r.returncode == 0, r.stderr[-2000:]
+  out = json.loads((tmp_path / "b" / "buckets.json").read_text())
+  assert len(out["groups"]) == 3 and len(out["runs"]) == 1
+  final = json.loads((tmp_path / "cmp/runs/mf/seed0/final_metrics.json").read_text())
+  users, values = out["users"], out["runs"][0]["by_group"]
+  overall = sum(n * v for n, v in zip(users, values)) / sum(users)
+  assert overall == pytest.approx(final["test"]["recall@20"], rel=1e-5)
+  r = run_cli("experiments.buckets", *data, "--buckets=0", f"--runs={tmp_path}/cmp")
+  assert r.returncode == 2 and "--buckets=0 must be >= 1" in r.stderr
