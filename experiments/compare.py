@@ -22,6 +22,7 @@ Methods, for each backbone B in {mf, lightgcn}:
   B_meta_user, B_meta_item                               one auxiliary task only
   B_meta_bpr              the meta loss BPR instead of softmax (--meta_loss=bpr)
   B_meta_heldout          the meta loss on R_meta, carved from training (--meta_data=heldout)
+  B_meta_net              [A6] per-anchor weights from the degree-conditioned network
 Ablations of B_meta (METHOD.md §3.2):
   B_meta_cg_iters         one run per --cg_iters_grid value (J)
   B_meta_every            one run per --meta_every_grid value (N)
@@ -72,6 +73,7 @@ def _methods() -> dict[str, dict]:
       out[f"{b}_meta_{h}"] = dict(model=b, weighting="meta", hypergrad=h)
     out[f"{b}_meta_bpr"] = dict(model=b, weighting="meta", meta_loss="bpr")
     out[f"{b}_meta_heldout"] = dict(model=b, weighting="meta", meta_data="heldout")
+    out[f"{b}_meta_net"] = dict(model=b, weighting="meta", weight_net=True)
     out[f"{b}_meta_user"] = dict(model=b, weighting="meta", aux_tasks=("user_sgl",))
     out[f"{b}_meta_item"] = dict(model=b, weighting="meta", aux_tasks=("item_sgl",))
     out[f"{b}_meta_cg_iters"] = dict(model=b, weighting="meta", grid="cg_iters")
