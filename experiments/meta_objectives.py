@@ -64,7 +64,7 @@ def held_out_losses(user_emb, item_emb, ds, negatives, block: int) -> dict:
   fu, fi = jnp.asarray(user_emb), jnp.asarray(item_emb)
 
   @jax.jit
-  def block_losses(u, i, j, s):
+  def block_losses(fu, fi, u, i, j, s):  # tables as arguments, not baked-in constants
     scores = fu[u] @ fi.T
     bpr = jax.nn.softplus(scores[jnp.arange(u.shape[0]), j] - scores[jnp.arange(u.shape[0]), i])
     rows = jnp.arange(u.shape[0])[:, None]
@@ -76,10 +76,15 @@ def held_out_losses(user_emb, item_emb, ds, negatives, block: int) -> dict:
   for a in range(0, n, block):
     sl = np.arange(a, a + block) % n  # full blocks: one compilation; the wrap is cut below
     take = min(block, n - a)
-    b, c = block_losses(users[sl], items[sl], negatives[sl], seen.rows(users[sl]))
+    b, c = block_losses(fu, fi, users[sl], items[sl], negatives[sl], seen.rows(users[sl]))
     if take < block:  # recompute the tail exactly
       b, c = block_losses(
-        users[sl][:take], items[sl][:take], negatives[sl][:take], seen.rows(users[sl][:take])
+        fu,
+        fi,
+        users[sl][:take],
+        items[sl][:take],
+        negatives[sl][:take],
+        seen.rows(users[sl][:take]),
       )
     tot += [float(b), float(c)]
   return {"bpr": tot[0] / n, "softmax": tot[1] / n}
