@@ -260,6 +260,9 @@ class MetaRunner:
     self.task_names = objective.task_names
     self.count, self.inner_s, self.inner_steps, self.meta_s = 0, 0.0, 0, []
     self._seen_inner = False
+    # global step from which meta steps may run; None holds them until the driver sets it
+    # (`train_and_evaluate` does once validation beats popularity)
+    self.active_at: int | None = 0
 
   def describe(self) -> str:
     c = self.cfg
@@ -274,7 +277,9 @@ class MetaRunner:
   def cut_points(self, step0: int, n: int) -> list[int]:
     """Local step counts p in 1..n after which a meta step runs (global t = step0 + p)."""
     every = self.every
-    first = max(self.warmup, every)
+    if self.active_at is None:
+      return []
+    first = max(self.warmup, every, self.active_at)
     first = -(-first // every) * every
     return [t - step0 for t in range(first, step0 + n + 1, every) if t > step0]
 
@@ -357,16 +362,19 @@ class MetaRunner:
       "inner_steps": self.inner_steps,
       "meta_s": self.meta_s,
       "seen_inner": self._seen_inner,
+      "active_at": self.active_at,
     }
 
   def load_host_state(self, host: dict) -> None:
     self.count, self.inner_s, self.inner_steps = host["count"], host["inner_s"], host["inner_steps"]
     self.meta_s, self._seen_inner = list(host["meta_s"]), host["seen_inner"]
+    self.active_at = host.get("active_at", 0)  # older checkpoints: active from the start
 
   def summary(self) -> dict:
     s = jax.device_get(self.state)
     return {
       "meta_steps": self.count,
+      "active_at": self.active_at,  # the step from which meta steps could run
       "updates": int(s.num_updates),
       "skipped": int(s.num_skipped),
       "lambda_max": float(s.lambda_max),

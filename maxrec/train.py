@@ -171,6 +171,8 @@ def train_and_evaluate(config: Config, workdir: str, resume: bool = False) -> di
     logging.warning("%s", w)
   if trainer.meta is not None:
     logging.info("%s", trainer.meta.describe())
+  if trainer.meta is not None:  # no meta step before the model has started to learn
+    trainer.meta.active_at = None
   if resume:
     prog = _restore(files, trainer)
   else:  # copies: the state's buffers are donated to the first step
@@ -250,6 +252,16 @@ def train_and_evaluate(config: Config, workdir: str, resume: bool = False) -> di
         prog.bad_evals = 0
       elif prog.best_score > learned_at:
         prog.bad_evals += 1
+      if trainer.meta is not None and trainer.meta.active_at is None and valid[select] > learned_at:
+        # the hypergradient assumes θ near θ*(φ): meaningless for a model that ranks worse
+        # than popularity (MF's first epochs), so meta steps start once it ranks better
+        trainer.meta.active_at = int(trainer.state.step)
+        logging.info(
+          "meta-learning starts: validation %s %.4f beats popularity's %.4f",
+          select,
+          valid[select],
+          learned_at,
+        )
     logging.info("%s | elapsed %.1fs", msg, record["elapsed_s"])
     files.append("metrics.jsonl", record)
     if prog.bad_evals >= cfg.train.patience:

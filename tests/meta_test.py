@@ -281,6 +281,7 @@ def test_meta_run_end_to_end_logs_weights(tmp_path):
     **TINY,
     weighting="meta",
     epochs=3,
+    learning_rate=0.05,  # beats popularity after one epoch: meta steps start
     meta_every=5,
     warmup_epochs=1,
     hyper_batch_size=64,
@@ -324,3 +325,21 @@ def test_a_meta_point_on_an_epochs_last_step_runs_once():
     tr.epoch(records.append)
   assert [r["step"] for r in records] == [n, 2 * n, 3 * n, 4 * n][: len(records)]
   assert len(records) == 4 and tr.meta.count == 4
+
+
+def test_meta_steps_wait_until_validation_beats_popularity(tmp_path):
+  """The hypergradient of a model that ranks worse than popularity means nothing: no meta
+  step runs before validation beats popularity, and none at all for a model that never
+  learns (a learning rate too small to move it)."""
+  import json
+
+  kw = dict(**TINY, weighting="meta", meta_every=2, warmup_epochs=1, hyper_batch_size=64,
+            meta_batch_size=64, learning_rate=0.02)  # fmt: skip
+  final = train.train_and_evaluate(Config.from_flat(**kw, epochs=8), str(tmp_path / "a"))
+  start = final["meta"]["active_at"]
+  assert start is not None and start > 0
+  records = [json.loads(x) for x in (tmp_path / "a" / "meta.jsonl").read_text().splitlines()]
+  assert records and all(r["step"] >= start for r in records)
+  stuck = Config.from_flat(**{**kw, "learning_rate": 1e-12}, epochs=3)
+  final = train.train_and_evaluate(stuck, str(tmp_path / "b"))
+  assert final["meta"]["active_at"] is None and final["meta"]["meta_steps"] == 0

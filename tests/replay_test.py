@@ -62,6 +62,7 @@ def test_replay_run_follows_the_meta_runs_weights(tmp_path):
   tiny = dict(
     synth_users=100, synth_items=140, synth_interactions=2500, synth_clusters=3,
     batch_size=256, hyper_batch_size=128, meta_batch_size=128, eval_every=1,
+    learning_rate=0.05,
   )  # fmt: skip
   meta_dir = str(tmp_path / "meta")
   cfg = Config.from_flat(**tiny, epochs=3, meta_every=3, warmup_epochs=0)
