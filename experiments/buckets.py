@@ -5,8 +5,8 @@
 
 Users are cut into --buckets groups of equal size by their number of training pairs
 (quantiles; the last holds the most active users). For every finished run under
-RUNS/runs/<run>/seed<k>/, its saved model (the selected epoch) is evaluated on each
-group's test pairs with the same full-ranking protocol as `experiments.train` (training
+RUNS/runs/<run>/seed<k>/ made on the split of --seed, its saved model (the selected epoch)
+is evaluated on each group's test pairs with the same full-ranking protocol as `experiments.train` (training
 and validation items masked). OUT/buckets.{json,md} hold the table: does an auxiliary
 task help the tail users and cost the head ones?
 """
@@ -61,6 +61,7 @@ def main(argv):
   if not run_dirs:
     print(f"error: no finished run under {fv.runs}/runs/*/seed*/", file=sys.stderr)
     return 2
+  split_seed = config.data.split_seed if config.data.split_seed is not None else config.train.seed
   exclude = np.concatenate([ds.observed, ds.valid])
   sets = []
   for g in range(fv.buckets):
@@ -70,8 +71,11 @@ def main(argv):
   rows = []
   for d in run_dirs:
     with open(os.path.join(d, "config.json")) as f:
-      if json.load(f).get("meta_data") == "heldout":
-        continue  # trained on R_in only: another split of the training pairs
+      run_cfg = json.load(f)
+    if run_cfg.get("meta_data") == "heldout":
+      continue  # trained on R_in only: another split of the training pairs
+    if (run_cfg.get("split_seed") or run_cfg["seed"]) != split_seed:
+      continue  # another split: --seed (or --split_seed) selects the runs of one split
     m = recommend.load_model(d)
     if m.user_emb.shape[0] != ds.n_users or m.item_emb.shape[0] != ds.n_items:
       print(f"error: {d} was trained on another data set or split", file=sys.stderr)

@@ -5,8 +5,8 @@
 
 The meta-learner moves the auxiliary weights down the gradient of a held-out primary loss
 (`--meta_loss`), so that loss should order models as the metric we select them by does.
-For every finished run under RUNS/runs/<run>/seed<k>/ (its saved model, the embeddings of
-the selected epoch), this evaluates on the validation pairs of the same split:
+For every finished run under RUNS/runs/<run>/seed<k>/ made on the split of --seed (its saved
+model, the embeddings of the selected epoch), this evaluates on the validation pairs of the same split:
 
   bpr      mean softplus(s_uj - s_ui), one uniform unobserved negative j per pair (the
            same negatives for every run);
@@ -107,12 +107,15 @@ def main(argv):
     np.random.default_rng(0), ds.valid[:, 0]
   )
   select = config.train.early_stop_metric
+  split_seed = config.data.split_seed if config.data.split_seed is not None else config.train.seed
   rows = []
   for d in run_dirs:
     with open(os.path.join(d, "config.json")) as f:
       run_cfg = json.load(f)
     if run_cfg.get("meta_data", "heldout") == "heldout" and run_cfg.get("weighting") == "meta":
       continue  # trained on R_in only: its validation losses are not comparable
+    if (run_cfg.get("split_seed") or run_cfg["seed"]) != split_seed:
+      continue  # another split: --seed (or --split_seed) selects the runs of one split
     model = recommend.load_model(d)
     if model.user_emb.shape[0] != ds.n_users or model.item_emb.shape[0] != ds.n_items:
       print(f"error: {d} was trained on another data set or split", file=sys.stderr)
