@@ -72,7 +72,7 @@ def main(argv):
   for d in run_dirs:
     with open(os.path.join(d, "config.json")) as f:
       run_cfg = json.load(f)
-    if run_cfg.get("meta_data") == "heldout":
+    if run_cfg.get("meta_data") == "heldout" and run_cfg.get("weighting") == "meta":
       continue  # trained on R_in only: another split of the training pairs
     if (run_cfg.get("split_seed") or run_cfg["seed"]) != split_seed:
       continue  # another split: --seed (or --split_seed) selects the runs of one split
