@@ -80,7 +80,7 @@ def test_ablation_grids_and_replay(tmp_path):
 
 def test_replay_needs_its_meta_run(tmp_path):
   r = run(tmp_path, "--methods=mf_meta_replay", "--seeds=0")
-  assert r.returncode == 1 and "list mf_meta before mf_meta_replay" in r.stderr
+  assert r.returncode == 1 and "list mf_meta_heldout before mf_meta_replay" in r.stderr
 
 
 def test_fixed_families_grid_weight_by_temperature():
