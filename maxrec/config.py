@@ -476,7 +476,7 @@ class Config:
       "or --meta_data=valid.",
     )
     _check(
-      heldout or not self.data.meta_ratio,
+      heldout or self.aux.weighting != "meta" or not self.data.meta_ratio,
       f"--meta_ratio={self.data.meta_ratio} carves R_meta for --meta_data=heldout; with "
       "--meta_data=valid the meta loss reads the validation pairs: leave --meta_ratio empty.",
     )
@@ -568,11 +568,9 @@ class Config:
   def meta_ratio(self) -> float:
     """[A1] The meta split's share: the flag, else 0.1 with --weighting=meta and
     --meta_data=heldout, else 0."""
-    if self.meta.meta_data == "valid":
-      return 0.0
     if self.data.meta_ratio is not None:
       return self.data.meta_ratio
-    return 0.1 if self.aux.weighting == "meta" else 0.0
+    return 0.1 if self.aux.weighting == "meta" and self.meta.meta_data == "heldout" else 0.0
 
   @property
   def view_layers(self) -> int:

@@ -85,9 +85,15 @@ def shard_tree(tree, mesh: Mesh, table_rows: set[int]):
 
 
 def shard_batches(batches: dict, mesh: Mesh) -> dict:
-  """[n_batches, B] (or [B]) arrays split across devices along B."""
-  spec = lambda x: NamedSharding(mesh, P(*([None] * (x.ndim - 1)), AXIS))  # noqa: E731
-  return {k: put(v, spec(np.asarray(v))) for k, v in batches.items()}
+  """[n_batches, B] (or [B]) arrays split across devices along B; a meta batch's "seen"
+  rows ([B, W], each user's training items) split along B too."""
+
+  def spec(key, x):
+    if key == "seen":
+      return NamedSharding(mesh, P(AXIS, None))
+    return NamedSharding(mesh, P(*([None] * (x.ndim - 1)), AXIS))
+
+  return {k: put(v, spec(k, np.asarray(v))) for k, v in batches.items()}
 
 
 def describe(mesh: Mesh) -> str:

@@ -34,9 +34,9 @@ def test_train_cli_end_to_end(tmp_path):
     "--synth_users=100",
     "--synth_items=120",
     "--synth_interactions=2500",
-    "--epochs=2",
-    "--meta_every=1",  # the default (meta) method, with meta steps in the second epoch
-    "--learning_rate=0.05",  # beats popularity after one epoch: meta steps start
+    "--epochs=4",
+    "--meta_every=1",  # the default (meta) method: meta steps once it beats popularity
+    "--learning_rate=0.05",  # (after its second epoch here)
     f"--workdir={tmp_path}",
   )
   assert r.returncode == 0, r.stderr[-2000:]
