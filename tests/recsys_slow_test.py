@@ -88,6 +88,8 @@ def _train_and_check(tmp_path, split, seed):
     meta_lr=0.05,
     hyper_batch_size=512,
     meta_batch_size=512,
+    meta_data="heldout",  # T12's leaky task reads R_meta, carved from training
+    meta_loss="bpr",
   )
   ds = data.load_dataset(cfg.data, seed=cfg.train.seed, meta_ratio=cfg.meta_ratio)
   split.update(meta=jnp.asarray(ds.meta), n_users=ds.n_users, n_items=ds.n_items)
