@@ -8,7 +8,7 @@
 //   2. the scores >= tau, read only from groups whose maximum is >= tau (about k groups,
 //      skipping their 8-score vectors that hold none), from which the best k are selected
 //      and sorted.
-// On a [1024, 40992] block of random-embedding scores (a throwaway micro-benchmark) it
+// On a [1024, 40992] block of random-embedding scores (a micro-benchmark) it
 // takes 8.2 ms on 2 cores, against 6.2 ms for a bare sum of the block and ~75 ms for
 // `lax.top_k` (groups of 64 / 128 / 256 scores: 8.8 / 8.2 / 8.4 ms).
 // Scores are compared as int32 keys that order floats totally (-NaN < -inf < ... < -0 <

@@ -55,8 +55,8 @@ def test_topk_bench_runs():
   assert "width     60" in r.stdout
 
 
-def test_bench_writes_every_figure_the_issue_names(tmp_path):
-  """A tiny run of every measurement: the JSON keys issue 6 asks for, finite positive
+def test_bench_writes_every_figure(tmp_path):
+  """A tiny run of every measurement: every JSON key the benchmark reports, finite positive
   times, and one compilation per training measurement."""
   import importlib.util
 
