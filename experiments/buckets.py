@@ -13,7 +13,6 @@ task help the tail users and cost the head ones?
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import sys
@@ -21,6 +20,7 @@ import sys
 import numpy as np
 from absl import app, flags
 
+from experiments import saved_runs
 from experiments.config_flags import config_from_flags, define_config_flags
 
 define_config_flags()
@@ -47,7 +47,7 @@ def main(argv):
   fv = flags.FLAGS
   import jax.numpy as jnp
 
-  from maxrec import data, metrics, recommend
+  from maxrec import data, metrics
 
   try:
     config = config_from_flags()
@@ -56,12 +56,11 @@ def main(argv):
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  run_dirs = sorted(glob.glob(os.path.join(fv.runs, "runs", "*", "seed*")))
-  run_dirs = [d for d in run_dirs if os.path.exists(os.path.join(d, "final_metrics.json"))]
-  if not run_dirs:
-    print(f"error: no finished run under {fv.runs}/runs/*/seed*/", file=sys.stderr)
+  try:
+    runs = saved_runs.runs_on_split(fv.runs, config, ds)
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
     return 2
-  split_seed = config.data.split_seed if config.data.split_seed is not None else config.train.seed
   exclude = np.concatenate([ds.observed, ds.valid])
   sets = []
   for g in range(fv.buckets):
@@ -69,20 +68,10 @@ def main(argv):
     sets.append(metrics.build_eval_set(test, exclude, ds.n_users, config.train.eval_batch_size))
   ks = config.train.topk
   rows = []
-  for d in run_dirs:
-    with open(os.path.join(d, "config.json")) as f:
-      run_cfg = json.load(f)
-    if run_cfg.get("meta_data") == "heldout" and run_cfg.get("weighting") == "meta":
-      continue  # trained on R_in only: another split of the training pairs
-    if (run_cfg.get("split_seed") or run_cfg["seed"]) != split_seed:
-      continue  # another split: --seed (or --split_seed) selects the runs of one split
-    m = recommend.load_model(d)
-    if m.user_emb.shape[0] != ds.n_users or m.item_emb.shape[0] != ds.n_items:
-      print(f"error: {d} was trained on another data set or split", file=sys.stderr)
-      return 2
+  for name, _, m in runs:
     u, i = jnp.asarray(m.user_emb), jnp.asarray(m.item_emb)
     values = [metrics.evaluate(u, i, es, ks)[fv.metric] for es in sets]
-    rows.append({"run": os.path.relpath(d, os.path.join(fv.runs, "runs")), "by_group": values})
+    rows.append({"run": name, "by_group": values})
     print(f"{rows[-1]['run']}: " + " ".join(f"{v:.4f}" for v in values), flush=True)
   os.makedirs(fv.out, exist_ok=True)
   with open(os.path.join(fv.out, "buckets.json"), "w") as f:

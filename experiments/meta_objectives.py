@@ -18,7 +18,6 @@ Recall@20. OUT/meta_objectives.{json,md} hold the table.
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import sys
@@ -26,6 +25,7 @@ import sys
 import numpy as np
 from absl import app, flags
 
+from experiments import saved_runs
 from experiments.config_flags import config_from_flags, define_config_flags
 
 define_config_flags()
@@ -93,37 +93,26 @@ def held_out_losses(user_emb, item_emb, ds, negatives, block: int) -> dict:
 def main(argv):
   del argv
   fv = flags.FLAGS
-  from maxrec import data, recommend
+  from maxrec import data
   from maxrec.sampling import Sampler
 
   config = config_from_flags()
-  run_dirs = sorted(glob.glob(os.path.join(fv.runs, "runs", "*", "seed*")))
-  run_dirs = [d for d in run_dirs if os.path.exists(os.path.join(d, "final_metrics.json"))]
-  if not run_dirs:
-    print(f"error: no finished run under {fv.runs}/runs/*/seed*/", file=sys.stderr)
-    return 2
   ds = data.load_dataset(config.data, seed=config.train.seed)
+  try:
+    runs = saved_runs.runs_on_split(fv.runs, config, ds)
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   negatives = Sampler(ds.valid, ds.observed, ds.n_users, ds.n_items).negatives(
     np.random.default_rng(0), ds.valid[:, 0]
   )
   select = config.train.early_stop_metric
-  split_seed = config.data.split_seed if config.data.split_seed is not None else config.train.seed
   rows = []
-  for d in run_dirs:
-    with open(os.path.join(d, "config.json")) as f:
-      run_cfg = json.load(f)
-    if run_cfg.get("meta_data", "heldout") == "heldout" and run_cfg.get("weighting") == "meta":
-      continue  # trained on R_in only: its validation losses are not comparable
-    if (run_cfg.get("split_seed") or run_cfg["seed"]) != split_seed:
-      continue  # another split: --seed (or --split_seed) selects the runs of one split
-    model = recommend.load_model(d)
-    if model.user_emb.shape[0] != ds.n_users or model.item_emb.shape[0] != ds.n_items:
-      print(f"error: {d} was trained on another data set or split", file=sys.stderr)
-      return 2
+  for name, d, model in runs:
     with open(os.path.join(d, "final_metrics.json")) as f:
       final = json.load(f)
     row = {
-      "run": os.path.relpath(d, os.path.join(fv.runs, "runs")),
+      "run": name,
       "valid": final["valid"][select],
     }
     row.update(held_out_losses(model.user_emb, model.item_emb, ds, negatives, fv.block))
