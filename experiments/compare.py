@@ -23,7 +23,7 @@ Methods, for each backbone B in {mf, lightgcn}:
   B_meta_bpr              the meta loss BPR instead of softmax (--meta_loss=bpr)
   B_meta_heldout          the meta loss on R_meta, carved from training (--meta_data=heldout)
   B_meta_net              [A6] per-anchor weights from the degree-conditioned network
-Ablations of B_meta (METHOD.md §3.2):
+Ablations of B_meta (docs/method.md §3.2):
   B_meta_cg_iters         one run per --cg_iters_grid value (J)
   B_meta_every            one run per --meta_every_grid value (N)
   B_meta_split            one run per --meta_split_grid value (the meta split's share)

@@ -1,7 +1,7 @@
 """MAXRec: meta auxiliary learning for top-K recommendation, in JAX.
 
 Reimplements X. Li, C. Ma et al., "Meta Auxiliary Learning for Top-K Recommendation",
-IEEE TKDE 35(10), 2023; the equations it follows are in the repository's METHOD.md (its
+IEEE TKDE 35(10), 2023; the equations it follows are in the repository's docs/method.md (its
 section, oracle and [A#] labels appear in the code).
 """
 

@@ -1,4 +1,4 @@
-"""Self-supervised auxiliary tasks, registered by name (METHOD.md §2.4).
+"""Self-supervised auxiliary tasks, registered by name (docs/method.md §2.4).
 
 A task is one function `loss_fn(ctx: AuxContext) -> AuxOutput` returning per-anchor losses;
 `register(name, side)` adds it to the registry that `--aux_tasks` selects from. The inner

@@ -47,7 +47,7 @@ def _check_choice(name: str, value: Any, choices: tuple) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-  """Where the interactions come from and how they are split (METHOD.md §2.1, §5.1)."""
+  """Where the interactions come from and how they are split (docs/method.md §2.1, §5.1)."""
 
   data_path: str | None = _f(
     None, "A data file or folder. Empty: the built-in synthetic data set (no download)."
@@ -129,7 +129,7 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """The backbone (METHOD.md §2.2)."""
+  """The backbone (docs/method.md §2.2)."""
 
   model: str = _f("mf", "Backbone: matrix factorisation or LightGCN.", MODELS)
   embedding_dim: int = _f(64, "Embedding dimension d.")
@@ -177,7 +177,7 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-  """Inner optimisation, evaluation and early stopping (METHOD.md §3.2, §5.2)."""
+  """Inner optimisation, evaluation and early stopping (docs/method.md §3.2, §5.2)."""
 
   epochs: int | None = _f(
     None,
@@ -186,7 +186,7 @@ class TrainConfig:
   )
   batch_size: int | None = _f(
     None,
-    "BPR triples per step. Empty: 2048 for MF (METHOD.md); for LightGCN a tenth of the "
+    "BPR triples per step. Empty: 2048 for MF (docs/method.md); for LightGCN a tenth of the "
     "training pairs, in [2048, 65536] (its fast recipe: a step propagates the whole graph "
     "whatever the batch, RESULTS.md).",
   )
@@ -204,7 +204,7 @@ class TrainConfig:
   )
   optimizer: str = _f(
     "adam",
-    "Inner optimizer of the embeddings: adam (METHOD.md's) or sgd (plain SGD, the update "
+    "Inner optimizer of the embeddings: adam (docs/method.md's) or sgd (plain SGD, the update "
     "rule of implicit's BPR, and the fastest MF path; the BPR loss is a batch mean, so SGD "
     "needs a far larger --learning_rate, e.g. 20 at batch 2048).",
     ("adam", "sgd"),
@@ -291,7 +291,7 @@ class TrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class AuxConfig:
-  """The auxiliary tasks and how they are weighted (METHOD.md §2.4, §2.5)."""
+  """The auxiliary tasks and how they are weighted (docs/method.md §2.4, §2.5)."""
 
   weighting: str = _f(
     "meta",
@@ -374,7 +374,7 @@ class AuxConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MetaConfig:
-  """The outer loop of --weighting=meta (METHOD.md §3.1–3.2)."""
+  """The outer loop of --weighting=meta (docs/method.md §3.1–3.2)."""
 
   hypergrad: str = _f(
     "cg",

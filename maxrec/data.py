@@ -1,4 +1,4 @@
-"""Implicit-feedback data sets: filtering, dense ids, per-user splits (METHOD.md §2.1, §5.1).
+"""Implicit-feedback data sets: filtering, dense ids, per-user splits (docs/method.md §2.1, §5.1).
 
 Host-side NumPy. `load_dataset(config, seed=..., meta_ratio=...)` is the one entry point;
 it returns a `Dataset` whose splits are int32 `[n, 2]` arrays of (user, item) dense ids

@@ -6,7 +6,7 @@
 Verification: the GroupLens zips are checked against the size and SHA-256 that
 TensorFlow Datasets publishes for them (tensorflow_datasets/url_checksums/movielens.txt).
 No checksum is published for the LightGCN files, so they are checked by content: the
-user, item and interaction counts of METHOD.md §5.1 must match, and the SHA-256 of what
+user, item and interaction counts of docs/method.md §5.1 must match, and the SHA-256 of what
 was accepted is written beside the file (`<name>.sha256`) and enforced from then on.
 
 Every file is downloaded to a temporary name in the target folder and renamed only after

@@ -1,4 +1,4 @@
-"""The normalised user-item graph and LightGCN propagation (METHOD.md §2.2, §2.4).
+"""The normalised user-item graph and LightGCN propagation (docs/method.md §2.2, §2.4).
 
 The bipartite adjacency A = [[0, R], [R^T, 0]] over N = users + items nodes is stored once,
 as CSR of its 2E non-zeros (each training pair twice). Edge weights are a separate array so

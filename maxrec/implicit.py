@@ -1,4 +1,4 @@
-"""Implicit differentiation of a training objective's hyper-parameters (METHOD.md §2.6–2.8).
+"""Implicit differentiation of a training objective's hyper-parameters (docs/method.md §2.6–2.8).
 
 For an inner problem θ*(h) = argmin_θ L_in(θ, h) and an outer loss L_meta(θ), the implicit
 function theorem gives, at a stationary point,
@@ -268,7 +268,7 @@ def hypergradient(
     maxiter: CG iterations or Neumann terms J.
     tol: CG relative tolerance.
     damping: δ >= 0 (may be traced).
-    alpha: Neumann step / first-order scale; use 1/λ_max (METHOD.md [A8]).
+    alpha: Neumann step / first-order scale; use 1/λ_max (docs/method.md [A8]).
     mixed: how the mixed partial is taken, "vjp" (default) or "jvp" (see `mixed_partial`).
   Returns:
     (hypergradient shaped like hparams, `HypergradInfo`).

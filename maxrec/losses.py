@@ -1,4 +1,4 @@
-"""Losses as pure functions with documented shapes (METHOD.md §2.3, §2.4).
+"""Losses as pure functions with documented shapes (docs/method.md §2.3, §2.4).
 
 All are numerically stable and have finite second derivatives: BPR through `softplus`,
 InfoNCE through `log_softmax` with finite masking constants, cosine normalisation through
@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 # Finite stand-in for -inf in masked logits: exp underflows to exactly 0 in float32 and
-# float64, while derivatives stay finite (METHOD.md [A4](b)).
+# float64, while derivatives stay finite (docs/method.md [A4](b)).
 MASK_LOGIT = -1e9
 
 

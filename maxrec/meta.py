@@ -1,4 +1,4 @@
-"""Meta-learning the auxiliary weights by implicit differentiation (METHOD.md §2.5–2.8, §3).
+"""Meta-learning the auxiliary weights by implicit differentiation (docs/method.md §2.5–2.8, §3).
 
 The alternating schedule of §3.1: the inner optimizer trains θ on L_in(θ, φ); after a
 warm-up, every N inner steps one meta step updates φ along the hypergradient of the primary

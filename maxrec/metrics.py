@@ -1,4 +1,4 @@
-"""Full-ranking top-K metrics: Recall, NDCG, Precision, HitRate, MRR (METHOD.md §5.2).
+"""Full-ranking top-K metrics: Recall, NDCG, Precision, HitRate, MRR (docs/method.md §5.2).
 
 Every item is ranked for every evaluated user, with the user's masked items (training
 items; at test time also validation items) excluded. Users are scored in blocks of

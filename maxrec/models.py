@@ -1,4 +1,4 @@
-"""Backbones as Flax modules used functionally: MF and LightGCN (METHOD.md §2.2).
+"""Backbones as Flax modules used functionally: MF and LightGCN (docs/method.md §2.2).
 
 `model.init_params(key)` gives `{"user": [U, d], "item": [I, d]}` (the ego table E0 = θ); `model.apply({"params": params}, graph, weights)` gives the final user and item
 embeddings used for scoring, ŷ_ui = <e_u, e_i>.

@@ -1,4 +1,4 @@
-"""The inner and outer objectives of the bilevel problem (METHOD.md §2.3–2.5).
+"""The inner and outer objectives of the bilevel problem (docs/method.md §2.3–2.5).
 
     L_in(θ, φ; B, ξ) = L_bpr(θ; B) + Σ_k w_k(φ) L_k(θ; B, ξ) + Ω(θ; B)
     L_meta(θ; B_m)   = L_bpr(θ; B_m)                                      [A5]

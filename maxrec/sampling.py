@@ -1,8 +1,8 @@
-"""BPR triples with uniform negatives, vectorised and seeded (METHOD.md §2.3).
+"""BPR triples with uniform negatives, vectorised and seeded (docs/method.md §2.3).
 
 Host-side NumPy: a `Sampler` draws (user, positive, negative) triples from a set of
 positive pairs; negatives are uniform over the items the user never interacted with in
-training (R_in and R_meta both count as interactions, METHOD.md §2.1). Rejection sampling
+training (R_in and R_meta both count as interactions, docs/method.md §2.1). Rejection sampling
 is vectorised: the negatives that hit an observed pair are redrawn together. A Bloom
 filter of the observed pairs (16 bits per pair, one hash, about 2 MB at Gowalla size)
 clears most draws at once; only the ~5% it flags are looked up exactly, which makes an

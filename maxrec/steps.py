@@ -1,4 +1,4 @@
-"""Jitted training steps: the train state, the inner step, the epoch loop (METHOD.md §3.1).
+"""Jitted training steps: the train state, the inner step, the epoch loop (docs/method.md §3.1).
 
 `run_steps(state, graph, weights, batches, start, count)` runs steps `start..start+count-1`
 of an epoch's stacked batches in one `lax.fori_loop` with a traced trip count, so one

@@ -1,4 +1,4 @@
-"""Graph propagation against a dense reference (METHOD.md T10)."""
+"""Graph propagation against a dense reference (docs/method.md T10)."""
 
 import jax
 import jax.numpy as jnp

@@ -1,6 +1,6 @@
 """Implicit hypergradients against closed forms, finite differences and dense solves.
 
-Oracles T1–T6 and T9 of METHOD.md §4. Every expected value is computed independently of
+Oracles T1–T6 and T9 of docs/method.md §4. Every expected value is computed independently of
 `maxrec.implicit` (NumPy closed forms, `jnp.linalg.solve`, `jax.hessian`, central finite
 differences), in float64. To keep the file fast, each test evaluates the code under test inside
 one jitted function where it can (one compilation per test); `test_t9_jit_equals_no_jit`

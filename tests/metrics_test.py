@@ -1,4 +1,4 @@
-"""Metric oracles of METHOD.md T11, written by hand, plus masking and blocking."""
+"""Metric oracles of docs/method.md T11, written by hand, plus masking and blocking."""
 
 import jax.numpy as jnp
 import numpy as np
