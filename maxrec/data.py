@@ -11,6 +11,9 @@ Documented handling (every case is counted in `Dataset.summary`):
   ranked like any other item, with its untrained initial embedding;
 - a user with no training interaction (a cold user) keeps its held-out items, which are
   evaluated; both counts are logged as warnings.
+
+Filters that leave no interaction, and (in `load_dataset`) splits that leave nothing to
+validate or test on, raise `DataError` naming the source and the flags to change.
 """
 
 from __future__ import annotations
@@ -80,6 +83,20 @@ def _kcore(u: np.ndarray, i: np.ndarray, user_core: int, item_core: int) -> np.n
     if new.sum() == keep.sum():
       return keep
     keep = new
+
+
+def _kcore_error(source: str, u: np.ndarray, i: np.ndarray, cfg: DataConfig) -> DataError:
+  """k-core filtering removed every row: says how far the cores must come down."""
+  most_u, most_i = int(np.bincount(u).max()), int(np.bincount(i).max())
+  uc, ic = min(cfg.user_core, most_u), min(cfg.item_core, most_i)
+  while (kept := int(_kcore(u, i, uc, ic).sum())) == 0:  # ends: cores <= 1 keep every row
+    uc, ic = uc // 2, ic // 2
+  return DataError(
+    f"{source}: k-core filtering (--user_core={cfg.user_core} --item_core={cfg.item_core}) "
+    f"leaves no user and no interaction: before it, the most active user has {most_u} "
+    f"interaction(s) and the most popular item {most_i}. Lower the cores, e.g. "
+    f"--user_core={uc} --item_core={ic} keeps {kept:,} interactions (0 turns a filter off)."
+  )
 
 
 def _rank_within_user(user: np.ndarray, order_key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -213,6 +230,8 @@ def build_dataset(
 
   kc = _kcore(u0[first], i0[first], cfg.user_core, cfg.item_core)
   rows = first[kc]
+  if not rows.size:
+    raise _kcore_error(raw.source, u0[first], i0[first], cfg)
   summary["removed_by_kcore"] = int(len(first) - len(rows))
   extra = raw.extra_users if cfg.user_core == 0 else ()
   user_ids, u = _dense(ru[rows], extra)
@@ -290,9 +309,64 @@ def load_raw(cfg: DataConfig) -> RawInteractions:
   )
 
 
+def check_heldout(ds: Dataset, cfg: DataConfig) -> None:
+  """Raises `DataError` unless the split holds out validation and test interactions.
+
+  The message names the source and the flag to change: a zero share in --split_ratios,
+  --valid_ratio=0, or users with too few interactions for the split.
+  """
+  missing = [name for name, part in (("validation", ds.valid), ("test", ds.test)) if not len(part)]
+  if not missing:
+    return
+  s, split = ds.summary, ds.summary["split"]
+  head = f"{s['source']}: --split={split} leaves no {' and no '.join(missing)} interaction"
+  if split in ("random", "temporal"):
+    zero = [m for m, r in zip(("validation", "test"), cfg.split_ratios[1:]) if r == 0]
+    if set(missing) & set(zero):
+      ratios = ",".join(f"{r:g}" for r in cfg.split_ratios)
+      raise DataError(
+        f"{head} to evaluate: --split_ratios={ratios} gives {' and '.join(zero)} a share of "
+        "0; use e.g. --split_ratios=0.8,0.1,0.1."
+      )
+  if split == "presplit" and "validation" in missing and cfg.valid_ratio == 0:
+    raise DataError(
+      f"{head} to evaluate: --valid_ratio=0 carves no validation items from the training "
+      "file; use e.g. --valid_ratio=0.1."
+    )
+  if split == "presplit" and "test" in missing:
+    cores = f"--user_core={cfg.user_core} --item_core={cfg.item_core}"
+    kcore = cfg.user_core or cfg.item_core
+    raise DataError(
+      f"{head} to evaluate: every test pair is also a training pair"
+      f"{f' or was removed by k-core filtering ({cores})' if kcore else ''}; check that the "
+      f"test file holds the held-out interactions{', or lower the cores' if kcore else ''}."
+    )
+  if split == "presplit":
+    held, need, where = [ds.train, ds.meta, ds.valid], 2, " in the training file"
+  else:
+    held, where = [ds.train, ds.meta, ds.valid, ds.test], ""
+    need = 3 if "validation" in missing else 2
+  per_user = np.bincount(np.concatenate([p[:, 0] for p in held]))
+  most = int(per_user.max()) if per_user.size else 0
+  lower = [f"--min_rating={cfg.min_rating:g}"] if cfg.min_rating is not None else []
+  lower += [f"--item_core={cfg.item_core}"] if cfg.item_core else []
+  also = f", or lower {' and '.join(lower)}, which removed interactions" if lower else ""
+  raise DataError(
+    f"{head} to evaluate: it needs users with at least {need} interactions{where}, and no "
+    f"user has more than {most} after filtering. Use data with at least {need} interactions "
+    f"per user{also}."
+  )
+
+
 def load_dataset(cfg: DataConfig, *, seed: int = 0, meta_ratio: float = 0.0) -> Dataset:
-  """Reads (or generates) and splits a data set; `meta_ratio` > 0 carves R_meta [A1]."""
-  return build_dataset(load_raw(cfg), cfg, seed=seed, meta_ratio=meta_ratio)
+  """Reads (or generates) and splits a data set; `meta_ratio` > 0 carves R_meta [A1].
+
+  Raises `DataError` when the split leaves no validation or test interaction to evaluate
+  (`check_heldout`); `build_dataset` alone allows that (e.g. --split_ratios=1,0,0).
+  """
+  ds = build_dataset(load_raw(cfg), cfg, seed=seed, meta_ratio=meta_ratio)
+  check_heldout(ds, cfg)
+  return ds
 
 
 def _split_words(summary: dict) -> str:

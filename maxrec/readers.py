@@ -3,7 +3,9 @@
 Each reader returns a `RawInteractions` with the raw ids exactly as written (integers for
 numeric-id formats, strings otherwise). Bad input raises `DataError` (a `ValueError`)
 whose message names the file, the line and the fix; blank lines are the only thing
-skipped, and they are counted.
+skipped, and they are counted. A UTF-8 byte order mark at the start of a file is ignored,
+and line endings may be LF, CRLF or CR. Ratings and timestamps must be finite numbers
+('nan' and 'inf' are rejected), and integer ids must fit in 64 bits.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ def _read_lines(path: str) -> tuple[list[tuple[int, str]], int]:
   if os.path.isdir(path):
     raise DataError(f"{path}: is a folder, expected a file.")
   try:
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:  # -sig: drops a leading byte order mark
       text = f.read()
   except UnicodeDecodeError as e:
     raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}).") from None
@@ -69,17 +71,38 @@ def _read_lines(path: str) -> tuple[list[tuple[int, str]], int]:
 
 
 def _to_numbers(values: list[str], lines: list[int], path: str, what: str, dtype) -> np.ndarray:
-  """Converts strings to numbers; on failure names the first bad line."""
+  """Converts strings to numbers; on failure names the first bad line.
+
+  Floats must be finite: 'nan' and 'inf' parse as numbers but are no rating or timestamp.
+  """
   try:
-    return np.asarray(values, dtype=np.str_).astype(dtype)
+    out = np.asarray(values, dtype=np.str_).astype(dtype)
   except (ValueError, OverflowError):
     for v, n in zip(values, lines):
-      try:
-        dtype(v) if dtype is not np.int64 else int(v)
-      except (ValueError, OverflowError):
-        kind = "an integer" if dtype is np.int64 else "a number"
-        raise DataError(f"{path}:{n}: {what} {v!r} is not {kind}.") from None
+      if dtype is np.int64:
+        try:
+          x = int(v)
+        except ValueError:
+          raise DataError(f"{path}:{n}: {what} {v!r} is not an integer.") from None
+        if not -(2**63) <= x < 2**63:
+          raise DataError(
+            f"{path}:{n}: {what} {v!r} does not fit in a 64-bit integer; renumber the ids "
+            "(e.g. 0 to n-1)."
+          ) from None
+      else:
+        try:
+          dtype(v)
+        except (ValueError, OverflowError):
+          raise DataError(f"{path}:{n}: {what} {v!r} is not a number.") from None
     raise DataError(f"{path}: could not convert the {what} column to numbers.") from None
+  if out.dtype.kind == "f":
+    bad = np.flatnonzero(~np.isfinite(out))
+    if bad.size:
+      raise DataError(
+        f"{path}:{lines[bad[0]]}: {what} {values[bad[0]]!r} is not a finite number; give a "
+        f"finite value or remove the row ({bad.size} such row(s))."
+      )
+  return out
 
 
 def _check_ids(ids: np.ndarray, lines: list[int], path: str, what: str) -> None:
@@ -99,6 +122,25 @@ def _split_fixed(rows, sep: str | None, ncols: int, path: str, layout: str) -> l
         f"{path}:{n}: expected {ncols} columns ({layout}), found {len(f)}. Is --data_format right?"
       )
   return fields
+
+
+def _check_unique(header: list[str], names, path: str, line: int, flag: dict) -> None:
+  """Each column in `names` must appear at most once in `header`; `flag` names its flag."""
+  for name in names:
+    at = [str(j + 1) for j, h in enumerate(header) if h == name]
+    if len(at) > 1:
+      how = f"; or set {flag[name]} to another column" if name in flag else ""
+      raise DataError(
+        f"{path}:{line}: column {name!r} appears {len(at)} times in the header (columns "
+        f"{', '.join(at)}); rename or remove all but one{how}."
+      )
+
+
+def _repeated_header(path: str, line: int, header_line: int) -> DataError:
+  return DataError(
+    f"{path}:{line}: this row repeats the header of line {header_line}; remove it (files "
+    "joined with their headers keep only the first one)."
+  )
 
 
 def read_movielens(path: str) -> RawInteractions:
@@ -189,8 +231,12 @@ def read_recbole(path: str) -> RawInteractions:
   for need in ("user_id", "item_id"):
     if need not in names:
       raise DataError(f"{path}:{hn}: the header has no {need} column (found {', '.join(names)}).")
+  _check_unique(names, ("user_id", "item_id", "rating", "timestamp"), path, hn, {})
   if not rows:
     raise DataError(f"{path}: the file has a header but no interactions.")
+  for n, line in rows:
+    if line == header or line == "\ufeff" + header:
+      raise _repeated_header(path, n, hn)
   fields = _split_fixed([(n, ln) for n, ln in rows], "\t", len(names), path, "as in the header")
   lines = [n for n, _ in rows]
   cols = dict(zip(names, map(list, zip(*fields))))
@@ -221,19 +267,26 @@ def read_csv(
   header, body, lines = parsed[0], parsed[1:], [n for n, _ in rows[1:]]
   wanted = {"user": user_column, "item": item_column}
   wanted.update({k: v for k, v in (("rating", rating_column), ("time", timestamp_column)) if v})
-  for role, name in wanted.items():
+  flag = {
+    name: f"--{'timestamp' if role == 'time' else role}_column" for role, name in wanted.items()
+  }
+  for name in wanted.values():
     if name not in header:
       raise DataError(
         f"{path}:{rows[0][0]}: no column {name!r} in the header ({', '.join(header)}); "
-        f"set --{'timestamp' if role == 'time' else role}_column."
+        f"set {flag[name]}."
       )
+  _check_unique(header, wanted.values(), path, rows[0][0], flag)
   if not body:
     raise DataError(f"{path}: the file has a header but no interactions.")
+  first = {header[0], "\ufeff" + header[0]}  # a joined file may repeat its byte order mark
   for n, r in zip(lines, body):
     if len(r) != len(header):
       raise DataError(
         f"{path}:{n}: expected {len(header)} columns as in the header, found {len(r)}."
       )
+    if r[0] in first and r[1:] == header[1:]:
+      raise _repeated_header(path, n, rows[0][0])
   idx = {role: header.index(name) for role, name in wanted.items()}
   user = np.asarray([r[idx["user"]] for r in body], dtype=object)
   item = np.asarray([r[idx["item"]] for r in body], dtype=object)

@@ -170,3 +170,95 @@ def test_train_only_lightgcn_folder_is_split_by_ratios_and_says_so(tmp_path):
   assert len(ds.train) == 30 * 6 and len(ds.valid) == 30 * 2 and len(ds.test) == 30 * 2
   text = data.describe(ds)
   assert "--split_ratios=0.6,0.2,0.2" in text and "no test.txt" in text, text
+
+
+def test_kcore_removing_everything_names_source_flags_and_a_working_core():
+  # every user has 2 items and every item 2 users: a 3-core is empty, a 2-core is everything
+  pairs = [(0, 0), (0, 1), (1, 1), (1, 2), (2, 2), (2, 0)]
+  for cores, suggestion in [
+    (dict(user_core=3), "e.g. --user_core=2 --item_core=0 keeps 6 interactions"),
+    (dict(item_core=5), "e.g. --user_core=0 --item_core=2 keeps 6 interactions"),
+    (dict(user_core=40, item_core=3), "e.g. --user_core=2 --item_core=2 keeps 6 interactions"),
+  ]:
+    cfg = DataConfig(**cores)
+    with pytest.raises(DataError) as e:
+      data.build_dataset(raw_from(pairs, extra=(9,)), cfg, seed=0)
+    msg = str(e.value)
+    assert msg.startswith(
+      f"test: k-core filtering (--user_core={cfg.user_core} --item_core={cfg.item_core}) "
+      "leaves no user and no interaction: before it, the most active user has 2 "
+      "interaction(s) and the most popular item 2. Lower the cores, "
+    ), msg
+    assert suggestion in msg, msg
+  # a star: user 0 has items 0-3, users 1 and 2 item 0; capping the cores at the largest
+  # counts (4, 3) is still empty, halving them (2, 1) keeps user 0
+  star = [(0, 0), (0, 1), (0, 2), (0, 3), (1, 0), (2, 0)]
+  with pytest.raises(DataError, match=r"--user_core=2 --item_core=1 keeps 4 interactions"):
+    data.build_dataset(raw_from(star), DataConfig(user_core=4, item_core=3), seed=0)
+
+
+def write_udata(tmp_path, per_user, n_users=6):
+  """A MovieLens file where every user has `per_user` interactions (ratings 1..per_user)."""
+  p = tmp_path / "u.data"
+  rows = [f"{u}\t{(u + k) % 10}\t{k + 1}\t{k}" for u in range(n_users) for k in range(per_user)]
+  p.write_text("\n".join(rows) + "\n")
+  return str(p)
+
+
+def heldout_error(**cfg):
+  with pytest.raises(DataError) as e:
+    data.load_dataset(DataConfig(**cfg), seed=0)
+  return str(e.value)
+
+
+def test_split_without_heldout_interactions_names_file_and_flags(tmp_path):
+  p = write_udata(tmp_path, per_user=5)
+  assert heldout_error(data_path=p, split_ratios=(1.0, 0.0, 0.0)) == (
+    f"{p}: --split=random leaves no validation and no test interaction to evaluate: "
+    "--split_ratios=1,0,0 gives validation and test a share of 0; use e.g. "
+    "--split_ratios=0.8,0.1,0.1."
+  )
+  msg = heldout_error(data_path=p, split="temporal", split_ratios=(0.9, 0.1, 0.0))
+  assert msg.startswith(f"{p}: --split=temporal leaves no test interaction"), msg
+  assert "--split_ratios=0.9,0.1,0 gives test a share of 0" in msg, msg
+  # leave-one-out where every user has one item
+  p = write_udata(tmp_path, per_user=1)
+  assert heldout_error(data_path=p, split="loo") == (
+    f"{p}: --split=loo leaves no validation and no test interaction to evaluate: it needs "
+    "users with at least 3 interactions, and no user has more than 1 after filtering. Use "
+    "data with at least 3 interactions per user."
+  )
+  p = write_udata(tmp_path, per_user=2)
+  msg = heldout_error(data_path=p, split="loo")
+  assert msg.startswith(f"{p}: --split=loo leaves no validation interaction"), msg
+  assert "at least 3 interactions, and no user has more than 2" in msg, msg
+  # a filter that thinned every user out is named, with its value
+  p = write_udata(tmp_path, per_user=4)
+  msg = heldout_error(data_path=p, split="loo", min_rating=3)
+  assert msg.startswith(f"{p}: --split=loo leaves no validation interaction"), msg
+  assert "or lower --min_rating=3, which removed interactions" in msg, msg
+  # the splits that hold something out still load, and build_dataset alone allows none
+  assert len(data.load_dataset(DataConfig(data_path=p, split="loo"), seed=0).valid) == 6
+  cfg = DataConfig(data_path=p, split_ratios=(1.0, 0.0, 0.0))
+  assert len(data.build_dataset(data.load_raw(cfg), cfg, seed=0).train) == 24
+
+
+def test_presplit_without_validation_names_valid_ratio(tmp_path):
+  d = tmp_path / "lg"
+  d.mkdir()
+  (d / "train.txt").write_text("0 1 2 3\n1 2 3 4\n")
+  (d / "test.txt").write_text("0 4\n1 5\n")
+  source = f"{d}/{{train,test}}.txt"
+  assert heldout_error(data_path=str(d), valid_ratio=0.0) == (
+    f"{source}: --split=presplit leaves no validation interaction to evaluate: "
+    "--valid_ratio=0 carves no validation items from the training file; use e.g. "
+    "--valid_ratio=0.1."
+  )
+  (d / "train.txt").write_text("0 1\n1 2\n")
+  msg = heldout_error(data_path=str(d))
+  assert msg.startswith(f"{source}: --split=presplit leaves no validation interaction"), msg
+  assert "at least 2 interactions in the training file, and no user has more than 1" in msg
+  (d / "train.txt").write_text("0 1 4\n1 2 5\n")  # the test pairs repeat training pairs
+  msg = heldout_error(data_path=str(d))
+  assert msg.startswith(f"{source}: --split=presplit leaves no test interaction"), msg
+  assert "every test pair is also a training pair; check that the test file" in msg, msg
