@@ -20,7 +20,9 @@ Environment:
   MAXREC_NATIVE: "0" never builds or uses the kernels (MAXREC_NATIVE_TOP_K=0, its
     earlier name, too).
   MAXREC_CACHE: where the built library is kept, beside downloaded data sets (default
-    ~/.cache/maxrec).
+    ~/.cache/maxrec). It is created private (0700); a folder that group or others may
+    write to, or that another user owns, is refused (the XLA path is used, with a warning
+    naming the folder).
   CXX: the C++ compiler, possibly with arguments ("ccache g++"; default g++, then c++,
     then clang++).
 """
@@ -94,9 +96,25 @@ def library_path(cxx: list[str]) -> pathlib.Path:
   return pathlib.Path(default_cache_dir()).expanduser() / f"native-{h.hexdigest()[:16]}.so"
 
 
+def check_private(folder: pathlib.Path) -> None:
+  """Creates `folder` private (0700) if missing; refuses one that another user owns or
+  that group or others may write to, since a library loaded from it runs in-process.
+
+  Raises:
+    PermissionError: naming the folder and the fix.
+  """
+  folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+  st = folder.stat()
+  fix = f"run `chmod 700 {folder}` or set MAXREC_CACHE to a private folder"
+  if hasattr(os, "getuid") and st.st_uid != os.getuid():
+    raise PermissionError(f"{folder} belongs to another user (uid {st.st_uid}); {fix}")
+  if st.st_mode & 0o022:
+    mode = oct(st.st_mode & 0o777)
+    raise PermissionError(f"{folder} is writable by group or others (mode {mode}); {fix}")
+
+
 def _build(cxx: list[str], out: pathlib.Path) -> None:
   """Compiles the kernels to `out` (atomically: concurrent builds cannot tear it)."""
-  out.parent.mkdir(parents=True, exist_ok=True)
   fd, tmp = tempfile.mkstemp(suffix=".so.tmp", dir=out.parent)
   os.close(fd)
   cmd = [*cxx, *FLAGS, f"-I{jax.ffi.include_dir()}", *map(str, SOURCES), "-o", tmp]
@@ -104,7 +122,7 @@ def _build(cxx: list[str], out: pathlib.Path) -> None:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     if proc.returncode != 0:
       raise RuntimeError(f"`{' '.join(cmd)}` failed:\n{proc.stderr[-2000:]}")
-    os.chmod(tmp, 0o755)  # mkstemp's 0600 would hide it from other users of the cache
+    os.chmod(tmp, 0o700)
     os.replace(tmp, out)
   finally:
     if os.path.exists(tmp):
@@ -122,6 +140,7 @@ def _load() -> None:
       _state.update(ok=False, why="no C++ compiler found (set CXX, or install g++)")
       return
     path = library_path(cxx)
+    check_private(path.parent)
     for attempt in range(2):
       if attempt or not path.exists():  # a cached library that does not load is rebuilt
         t0 = time.perf_counter()

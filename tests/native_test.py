@@ -121,6 +121,7 @@ def test_failed_build_falls_back_with_a_warning(monkeypatch, tmp_path, caplog):
   with pytest.raises(RuntimeError, match="no such compiler today"):
     native.top_k(items, 2)
   assert not list((tmp_path / "cache").iterdir())  # no partial library left behind
+  assert (tmp_path / "cache").stat().st_mode & 0o777 == 0o700  # created private
   monkeypatch.setenv("CXX", "no-such-compiler-here")
   monkeypatch.setattr(native, "_state", {})
   assert not native.available() and "no-such-compiler-here" in native.why()
@@ -132,6 +133,21 @@ def test_failed_build_falls_back_with_a_warning(monkeypatch, tmp_path, caplog):
   assert not native.available() and native.why() == "MAXREC_NATIVE=0"
 
 
+@pytest.mark.parametrize("mode", [0o777, 0o775])
+def test_a_cache_others_may_write_to_is_refused(monkeypatch, tmp_path, mode):
+  """A library loaded from a folder that others can write to would run their code."""
+  cache = tmp_path / "shared"
+  cache.mkdir()
+  cache.chmod(mode)
+  monkeypatch.setattr(native, "_state", {})
+  monkeypatch.setenv("MAXREC_CACHE", str(cache))
+  assert not native.available()
+  assert f"{cache} is writable by group or others (mode {oct(mode)})" in native.why()
+  assert f"chmod 700 {cache}" in native.why() and not list(cache.iterdir())
+  with pytest.raises(RuntimeError, match="writable by group or others"):
+    steps.resolve_sparse_kernel("native", sharded=False)
+
+
 def test_a_cached_library_that_does_not_load_is_rebuilt(tmp_path):
   """(In a new process: a process registers the kernel once.)"""
   code = (
@@ -140,7 +156,7 @@ def test_a_cached_library_that_does_not_load_is_rebuilt(tmp_path):
     "path.parent.mkdir(parents=True)\n"
     "path.write_bytes(b'not a shared library')  # as after a crash mid-copy\n"
     "assert native.available(), native.why()\n"
-    "assert path.stat().st_size > 1000 and path.stat().st_mode & 0o055 == 0o055\n"
+    "assert path.stat().st_size > 1000 and path.stat().st_mode & 0o077 == 0\n"
     "print('rebuilt')\n"
   )
   env = {**os.environ, "MAXREC_CACHE": str(tmp_path / "cache")}
