@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
-from experiments.config_flags import config_from_flags, define_config_flags
+from experiments.config_flags import config_from_flags, define_config_flags, parse_flags
 
 define_config_flags()
 flags.DEFINE_enum("scale", "default", ["default", "gowalla"], "Problem size.")
@@ -288,4 +288,4 @@ def _report(r: dict, scale: str) -> None:
 
 
 if __name__ == "__main__":
-  app.run(lambda argv: sys.exit(main(argv)))
+  app.run(lambda argv: sys.exit(main(argv)), flags_parser=parse_flags)

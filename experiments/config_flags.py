@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import sys
 import types
 import typing
 
-from absl import flags
+from absl import app, flags
 
 from maxrec.config import Config
 
@@ -18,10 +19,51 @@ logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
 
 
 def _leaf_fields():
+  """(field, type) of every field that is a flag (test hooks are not)."""
   for group in Config.groups().values():
     hints = typing.get_type_hints(group)
     for f in dataclasses.fields(group):
-      yield f, hints[f.name]
+      if f.metadata.get("flag", True):
+        yield f, hints[f.name]
+
+
+def _group_title(group) -> str:
+  """The first sentence of a config group's docstring, without its § references."""
+  doc = (group.__doc__ or "").strip().split("\n")[0]
+  return doc.split(" (")[0].rstrip(".")
+
+
+def grouped_help(flag_values=flags.FLAGS) -> str:
+  """The configuration flags grouped by what they configure (data, model, train, aux,
+  meta), each with its help text and default."""
+  out = []
+  for name, group in Config.groups().items():
+    out.append(f"\n{name}: {_group_title(group)}")
+    for f in dataclasses.fields(group):
+      if f.metadata.get("flag", True):
+        flag = flag_values[f.name]
+        text = f"--{f.name}: {flag.help}\n(default: {flag.default_as_str})"
+        out.append(flags.text_wrap(text, indent="      ", firstline_indent="  "))
+  return "\n".join(out)
+
+
+HELP_ARGS = ("--help", "-help", "--helpshort", "-helpshort", "-?", "-h")
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with a `--help` that shows the script's own flags and then the
+  configuration flags grouped (absl's own lists only the main module's flags). Pass as
+  `app.run(main, flags_parser=parse_flags)`."""
+  if any(a in HELP_ARGS for a in argv[1:]):
+    main = sys.modules["__main__"]
+    print((main.__doc__ or "").strip())
+    own = flags.FLAGS.main_module_help()
+    if own:
+      print(f"\nflags of this script:\n{own}")
+    print(f"\nconfiguration flags:{grouped_help()}")
+    print("\nTry --helpfull for every flag, including absl's and JAX's.")
+    sys.exit(0)
+  return app.parse_flags_with_usage(argv)
 
 
 def _split_optional(tp):

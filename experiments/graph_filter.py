@@ -19,7 +19,7 @@ import time
 
 from absl import app, flags
 
-from experiments.config_flags import config_from_flags, define_config_flags
+from experiments.config_flags import config_from_flags, define_config_flags, parse_flags
 
 define_config_flags()
 flags.DEFINE_list("ranks", ["64", "128", "256", "512"], "Ranks k to validate.")
@@ -108,4 +108,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(lambda argv: sys.exit(main(argv)))
+  app.run(lambda argv: sys.exit(main(argv)), flags_parser=parse_flags)

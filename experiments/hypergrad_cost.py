@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
-from experiments.config_flags import config_from_flags, define_config_flags
+from experiments.config_flags import config_from_flags, define_config_flags, parse_flags
 
 define_config_flags()
 flags.DEFINE_list("sizes", ["ml100k", "gowalla"], "Problem sizes: ml100k, gowalla.")
@@ -310,4 +310,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(lambda argv: sys.exit(main(argv)))
+  app.run(lambda argv: sys.exit(main(argv)), flags_parser=parse_flags)

@@ -26,7 +26,7 @@ import numpy as np
 from absl import app, flags
 
 from experiments import saved_runs
-from experiments.config_flags import config_from_flags, define_config_flags
+from experiments.config_flags import config_from_flags, define_config_flags, parse_flags
 
 define_config_flags()
 flags.DEFINE_string("runs", "results/compare", "A compare output folder (its runs/).")
@@ -148,4 +148,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(lambda argv: sys.exit(main(argv)))
+  app.run(lambda argv: sys.exit(main(argv)), flags_parser=parse_flags)

@@ -26,9 +26,10 @@ METRIC_NAMES = ("recall", "ndcg", "precision", "hit", "mrr")
 SPARSE_KERNELS = ("auto", "native", "xla")
 
 
-def _f(default: Any, help: str, choices: tuple | None = None, **kw) -> Any:
-  """A dataclass field carrying its flag help text (and choices) as metadata."""
-  meta = {"help": help}
+def _f(default: Any, help: str, choices: tuple | None = None, flag: bool = True, **kw) -> Any:
+  """A dataclass field carrying its flag help text (and choices) as metadata; `flag=False`
+  keeps a field (a test hook) out of the command-line flags."""
+  meta = {"help": help, "flag": flag}
   if choices is not None:
     meta["choices"] = choices
   if isinstance(default, (list, dict)):
@@ -43,6 +44,18 @@ def _check(cond: bool, msg: str) -> None:
 
 def _check_choice(name: str, value: Any, choices: tuple) -> None:
   _check(value in choices, f"--{name}={value!r} is not one of {', '.join(map(str, choices))}.")
+
+
+def _check_declared_choices(group) -> None:
+  """Every field that declares choices holds one of them (None stays allowed where the
+  field is optional; a tuple's entries are checked one by one)."""
+  for f in dataclasses.fields(group):
+    if "choices" not in f.metadata:
+      continue
+    value = getattr(group, f.name)
+    for v in value if isinstance(value, tuple) else (value,):
+      if v is not None:
+        _check_choice(f.name, v, f.metadata["choices"])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +108,7 @@ class DataConfig:
   synth_seed: int = _f(0, "Built-in data set: generator seed.")
 
   def __post_init__(self):
+    _check_declared_choices(self)
     _check_choice("data_format", self.data_format, DATA_FORMATS)
     _check_choice("split", self.split, SPLITS)
     r = self.split_ratios
@@ -154,6 +168,7 @@ class ModelConfig:
   )
 
   def __post_init__(self):
+    _check_declared_choices(self)
     _check_choice("model", self.model, MODELS)
     _check_choice("propagation", self.propagation, PROPAGATIONS)
     if self.init is not None:
@@ -256,12 +271,13 @@ class TrainConfig:
     "good checkpoint in place.",
     ("skip", "stop"),
   )
-  inject_nan_at_step: int = _f(-1, "Test hook: make the loss NaN at this global step.")
+  inject_nan_at_step: int = _f(-1, "Test hook: make the loss NaN at this global step.", flag=False)
   eval_batch_size: int = _f(
     1024, "Users scored per evaluation block: bounds memory to about 12 x this x items bytes."
   )
 
   def __post_init__(self):
+    _check_declared_choices(self)
     for name in (
       "epochs", "batch_size", "eval_every", "patience", "eval_batch_size", "checkpoint_every",
       "keep_checkpoints",
@@ -331,6 +347,7 @@ class AuxConfig:
   )
 
   def __post_init__(self):
+    _check_declared_choices(self)
     from maxrec import auxiliary  # the registry (importing it registers the built-ins)
 
     _check_choice("weighting", self.weighting, WEIGHTINGS)
@@ -437,6 +454,7 @@ class MetaConfig:
   weight_net: bool = _f(False, "[A6] Per-entity weights from a small MLP instead of scalars.")
 
   def __post_init__(self):
+    _check_declared_choices(self)
     _check_choice("hypergrad", self.hypergrad, HYPERGRADS)
     _check_choice("meta_loss", self.meta_loss, META_LOSSES)
     _check_choice("meta_data", self.meta_data, META_DATA)

@@ -33,14 +33,40 @@ def test_invalid_values_are_clear_errors(kw, match):
     Config.from_flat(**kw)
 
 
-def test_every_field_is_a_flag_with_the_same_default():
+def test_every_field_is_a_flag_with_the_same_default_but_test_hooks():
   fv = flags.FlagValues()
   config_flags.define_config_flags(fv)
   fv(["prog"])
   assert config_flags.config_from_flags(fv) == Config()
   for group in Config.groups().values():
     for f in dataclasses.fields(group):
-      assert f.name in fv, f.name
+      assert (f.name in fv) == (f.name != "inject_nan_at_step"), f.name
+
+
+def test_every_declared_choice_is_validated():
+  """A value outside a field's declared choices is an error naming the flag, for every
+  field that declares choices (tuples entry by entry)."""
+  checked = 0
+  for group in Config.groups().values():
+    for f in dataclasses.fields(group):
+      if "choices" in f.metadata:
+        bad = ("bogus",) if isinstance(f.default, tuple) else "bogus"
+        with pytest.raises(ValueError, match=rf"--{f.name}='bogus' is not one of"):
+          Config.from_flat(**{f.name: bad})
+        checked += 1
+  assert checked >= 14  # the fields with choices today
+
+
+def test_grouped_help_lists_each_group_with_its_flags():
+  fv = flags.FlagValues()
+  config_flags.define_config_flags(fv)
+  text = config_flags.grouped_help(fv)
+  heads = [line.split(":")[0] for line in text.splitlines() if line and not line[0].isspace()]
+  assert heads == list(Config.groups())
+  data, rest = text.split("\nmodel:")
+  assert "--split_ratios:" in data and "--meta_lr:" not in data
+  assert "--meta_lr:" in rest.split("\nmeta:")[1] and "(default: '0.5')" in text
+  assert "inject_nan_at_step" not in text
 
 
 def test_flags_parse_to_config():

@@ -29,6 +29,23 @@ def test_bad_flag_value_is_a_usage_error(tmp_path):
   assert "sums to 1.1, not 1" in r.stderr
 
 
+def test_help_shows_script_and_grouped_config_flags():
+  r = run_cli("experiments.train", "--help", timeout=120)
+  assert r.returncode == 0, r.stderr[-2000:]
+  for head in (
+    "flags of this script:",
+    "--[no]resume",
+    "\ndata:",
+    "\nmodel:",
+    "\ntrain:",
+    "\naux:",
+  ):
+    assert head in r.stdout, head
+  assert "--meta_lr:" in r.stdout.split("\nmeta:")[1]
+  r = run_cli("experiments.train", "--inject_nan_at_step=3", timeout=120)
+  assert r.returncode != 0 and "Unknown command line flag 'inject_nan_at_step'" in r.stderr
+
+
 def test_train_cli_end_to_end(tmp_path):
   r = run_train(
     "--synth_users=100",
