@@ -15,7 +15,7 @@ import sys
 
 from absl import app, flags, logging
 
-from experiments.config_flags import config_from_flags, define_config_flags
+from experiments.config_flags import config_from_flags, define_config_flags, parse_flags
 
 define_config_flags()
 flags.DEFINE_string("workdir", None, "Output folder. Empty: runs/<date>-<time>-<model>.")
@@ -26,8 +26,15 @@ flags.DEFINE_bool(
   "distributed",
   False,
   "Multi-host run (TPU pod slice, several GPU hosts): call jax.distributed.initialize() "
-  "first; every host runs this same command.",
+  "first; every host runs this same command with the same --workdir on a shared file "
+  "system. The coordinator and process ids come from the cluster (TPU, SLURM, MPI) or from "
+  "--coordinator_address, --num_processes and --process_id.",
 )
+flags.DEFINE_string(
+  "coordinator_address", None, "With --distributed: host:port of process 0 (e.g. 10.0.0.1:1234)."
+)
+flags.DEFINE_integer("num_processes", None, "With --distributed: the number of processes.")
+flags.DEFINE_integer("process_id", None, "With --distributed: this process's id, 0 to N-1.")
 
 
 def main(argv):
@@ -36,7 +43,11 @@ def main(argv):
   if flags.FLAGS.distributed:
     import jax
 
-    jax.distributed.initialize()  # coordinator and process ids from the environment
+    jax.distributed.initialize(  # None: from the cluster's environment
+      coordinator_address=flags.FLAGS.coordinator_address,
+      num_processes=flags.FLAGS.num_processes,
+      process_id=flags.FLAGS.process_id,
+    )
   from maxrec.readers import DataError
   from maxrec.train import train_and_evaluate
 
@@ -64,4 +75,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.FLAGS.set_default("logtostderr", True) if "logtostderr" in flags.FLAGS else None
-  app.run(lambda argv: sys.exit(main(argv)))
+  app.run(lambda argv: sys.exit(main(argv)), flags_parser=parse_flags)

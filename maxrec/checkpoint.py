@@ -3,8 +3,12 @@
 A checkpoint is one msgpack file (Flax serialization) under `<workdir>/checkpoints/`,
 named by the epoch it follows. It is written to a temporary name, flushed to disk and then
 renamed, so a process killed while saving leaves the previous checkpoints intact and never
-a truncated file under a checkpoint's name. Arrays are gathered to the host first (the
-single-host case; see BUILD_NOTES.md for multi-host).
+a truncated file under a checkpoint's name.
+
+Multi-host runs: arrays that span several processes are gathered (every process calls
+`save` together), process 0 writes the file, and all wait for it before going on. The work
+directory must be shared by the hosts (a network file system); every process reads the
+same file on `restore` and places its own shards from it.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import re
 import jax
 import numpy as np
 from flax import serialization
+
+from maxrec import sharding
 
 DIR = "checkpoints"
 _NAME = re.compile(r"^ckpt_(\d{6})\.msgpack$")
@@ -49,10 +55,19 @@ def save(workdir: str, epoch: int, payload, keep: int) -> str:
   """Writes `payload` (a pytree of arrays, numbers and dicts) as the checkpoint of `epoch`,
   atomically, then deletes all but the newest `keep` checkpoints."""
   folder = os.path.join(workdir, DIR)
-  os.makedirs(folder, exist_ok=True)
-  host = jax.device_get(_keys_to_data(payload))
-  data = serialization.msgpack_serialize(serialization.to_state_dict(host))
   path = os.path.join(folder, f"ckpt_{epoch:06d}.msgpack")
+  host = sharding.to_host(_keys_to_data(payload))  # a collective on several processes
+  if sharding.is_primary():
+    _write(folder, path, serialization.msgpack_serialize(serialization.to_state_dict(host)))
+    for _, old in list_checkpoints(workdir)[:-keep]:
+      os.remove(old)
+  sharding.barrier(f"checkpoint {epoch}")  # nobody goes on before the file exists
+  return path
+
+
+def _write(folder: str, path: str, data: bytes) -> None:
+  """Writes `data` to `path` atomically and durably (temporary name, fsync, rename)."""
+  os.makedirs(folder, exist_ok=True)
   tmp = f"{path}.tmp{os.getpid()}"
   with open(tmp, "wb") as f:
     f.write(data)
@@ -64,9 +79,6 @@ def save(workdir: str, epoch: int, payload, keep: int) -> str:
     os.fsync(dir_fd)  # make the rename itself durable
   finally:
     os.close(dir_fd)
-  for _, old in list_checkpoints(workdir)[:-keep]:
-    os.remove(old)
-  return path
 
 
 def restore(path: str, template):

@@ -13,6 +13,8 @@ import numpy as np
 class RunFiles:
   """config.json, data_summary.json, metrics.jsonl, meta.jsonl, final_metrics.json.
 
+  On several processes (a multi-host run) only process 0 writes; the others read.
+
   Args:
     workdir: the run's folder (created).
     resume: continue the logs of an interrupted run instead of starting new ones.
@@ -24,7 +26,7 @@ class RunFiles:
     self.workdir, self.resume = workdir, resume
     try:
       os.makedirs(workdir, exist_ok=True)
-      probe = os.path.join(workdir, ".write_test")
+      probe = os.path.join(workdir, f".write_test{os.getpid()}")
       with open(probe, "w") as f:
         f.write("ok")
       os.remove(probe)
@@ -36,6 +38,7 @@ class RunFiles:
         "another --workdir."
       )
     self._logs = {}
+    self.writes = jax.process_index() == 0
 
   def path(self, name: str) -> str:
     return os.path.join(self.workdir, name)
@@ -51,6 +54,8 @@ class RunFiles:
       return json.load(f)
 
   def write_json(self, name: str, obj) -> None:
+    if not self.writes:
+      return
     tmp = self.path(name + ".tmp")
     with open(tmp, "w") as f:
       json.dump(obj, f, indent=2, default=_json_default)
@@ -58,7 +63,7 @@ class RunFiles:
 
   def truncate(self, name: str, last_epoch: int) -> None:
     """Keeps only the records of epochs <= last_epoch (what a checkpoint covers)."""
-    if not self.exists(name):
+    if not self.writes or not self.exists(name):
       return
     with open(self.path(name)) as f:
       keep = [line for line in f if line.strip() and json.loads(line).get("epoch", 0) <= last_epoch]
@@ -69,6 +74,8 @@ class RunFiles:
 
   def append(self, name: str, record: dict) -> None:
     """Appends one JSON line to `name` (e.g. metrics.jsonl), flushed at once."""
+    if not self.writes:
+      return
     if name not in self._logs:
       self._logs[name] = open(self.path(name), "a" if self.resume else "w")
     self._logs[name].write(json.dumps(record, default=_json_default) + "\n")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -64,6 +65,31 @@ def put(x, sharding: NamedSharding) -> jax.Array:
     return jax.random.wrap_key_data(data)
   host = np.asarray(x)
   return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+
+
+def to_host(tree):
+  """NumPy copies of a pytree's arrays. An array that spans several processes is gathered
+  from all of them, so every process must call this together (a collective)."""
+
+  def get(x):
+    if not isinstance(x, jax.Array) or x.is_fully_addressable:
+      return jax.device_get(x)
+    if x.is_fully_replicated:
+      return np.asarray(x.addressable_data(0))
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+  return jax.tree.map(get, tree)
+
+
+def is_primary() -> bool:
+  """True on the process that writes files (process 0; the only one on a single host)."""
+  return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+  """Waits until every process reaches the barrier `name` (no-op on a single process)."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
 
 
 def pad_rows(x: jax.Array, n: int) -> jax.Array:

@@ -105,7 +105,7 @@ def _restore(files: RunFiles, trainer: Trainer) -> Progress:
   host = json.loads(payload["host"])
   trainer.load(payload["trainer"], host)
   p = Progress(**{k: v for k, v in host.items() if k in Progress.__dataclass_fields__})
-  p.best_params, p.best_aux = payload["best_params"], payload["best_aux"]
+  p.best_params, p.best_aux = trainer.place(payload["best_params"]), payload["best_aux"]
   for name in ("metrics.jsonl", "meta.jsonl"):
     files.truncate(name, epoch)
   logging.info("resumed from %s: epoch %d, best epoch %d", path, epoch, p.best_epoch)
@@ -288,9 +288,9 @@ def train_and_evaluate(config: Config, workdir: str, resume: bool = False) -> di
     final.update(_weights_summary(cfg, objective, prog.best_aux, trainer.state.aux_params))
   if trainer.meta is not None:
     final["meta"] = trainer.meta.summary()
-  recommend.save_model(
-    files.path(recommend.MODEL_FILE), *trainer.embeddings(prog.best_params), ds, cfg.flat()
-  )
+  user_emb, item_emb = sharding.to_host(trainer.embeddings(prog.best_params))
+  if files.writes:
+    recommend.save_model(files.path(recommend.MODEL_FILE), user_emb, item_emb, ds, cfg.flat())
   files.write_json("final_metrics.json", final)
   files.close()
   logging.info(

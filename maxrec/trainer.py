@@ -60,6 +60,7 @@ class Trainer:
       self.mesh = None
     else:
       cfg = self.cfg = _sharded_config(cfg, self.mesh)
+      logging.info("mesh: %s", sharding.describe(self.mesh))
     n_users, n_items = ds.n_users, ds.n_items
     if self.mesh is not None:  # tables padded to a multiple of the device count
       n_users, n_items = sharding.padded(n_users, self.mesh), sharding.padded(n_items, self.mesh)
@@ -113,7 +114,7 @@ class Trainer:
     else:
       fn = run_steps_fn(self.objective, tx, aux_tx, inject)
     self._tables = {n_users, n_items, n_users + n_items}
-    self.state = self._place(self.state)
+    self.state = self.place(self.state)
     if self.mesh is not None:
       self.graph = sharding.shard_tree(self.graph, self.mesh, set())
       self.weights = sharding.put(self.weights, sharding.replicated(self.mesh))
@@ -155,7 +156,7 @@ class Trainer:
     first = self._sample(0)
     self._next = (0, self._prefetch.submit(lambda: first))
     anchors = self.cfg.aux.ssl_anchors or None
-    counts = [Sampler.max_unique(jax.device_get(first), anchors)]
+    counts = [Sampler.max_unique(sharding.to_host(first), anchors)]
     if self.cfg.aux.weighting == "meta":
       rng = np.random.default_rng([self.cfg.train.seed, 2])
       hyper = self.cfg.meta.hyper_batch_size
@@ -223,7 +224,7 @@ class Trainer:
       out["meta"] = self.meta.host_state()
     return out
 
-  def _place(self, tree):
+  def place(self, tree):
     """Row-shards tables (and their optimizer state) on a mesh; a no-op on one device."""
     if self.mesh is None:
       return tree
@@ -231,11 +232,11 @@ class Trainer:
 
   def load(self, device: dict, host: dict) -> None:
     """Restores what `device_state` and `host_state` returned."""
-    self.state = self._place(device["train"])
+    self.state = self.place(device["train"])
     self.epochs_done = host["epochs_done"]
     self._next = None
     if self.meta is not None:
-      self.meta.state = self._place(device["meta"])
+      self.meta.state = self.place(device["meta"])
       self.meta.load_host_state(host["meta"])
 
   def embeddings(self, params=None):
