@@ -180,6 +180,16 @@ def improvement(summary, method, metric) -> str:
   return f"{100 * (ours / max(base) - 1):+.1f}%"
 
 
+def _portable(arg: str) -> str:
+  """A `--flag=/absolute/path` inside the working directory, as a relative path (the
+  command written to results.md is one a reader can type in a clone)."""
+  name, sep, value = arg.partition("=")
+  here = os.getcwd()
+  if sep and os.path.isabs(value) and os.path.commonpath([here, value]) == here:
+    return f"{name}={os.path.relpath(value)}"
+  return arg
+
+
 def write_tables(rows, families, report, select, out, command):
   with open(os.path.join(out, "results.csv"), "w", newline="") as f:
     w = csv.writer(f)
@@ -300,7 +310,7 @@ def main(argv):
   }
   plan = {m: runs for m, runs in plan.items() if runs}
   families = {m: [name for name, _ in runs] for m, runs in plan.items()}
-  command = "python -m experiments.compare " + " ".join(sys.argv[1:])
+  command = "python -m experiments.compare " + " ".join(map(_portable, sys.argv[1:]))
   text, summary = write_tables(rows, families, report, select, fv.out, command)
   print(text)
   for path in write_plots(summary, fv.out):

@@ -3,8 +3,10 @@
 import csv
 import json
 import os
+import subprocess
+import sys
 
-from helpers import run_cli
+from helpers import ROOT, run_cli
 
 TINY = [
   "--synth_users=80",
@@ -116,3 +118,19 @@ print(json.dumps([dict(expand("lightgcn_fixed_noise", grids)), dict(expand("ligh
   assert (
     set(plain) == {"lightgcn_fixed@0.1"} and "ssl_temperature" not in plain["lightgcn_fixed@0.1"]
   )
+
+
+def test_the_written_command_has_no_path_of_this_machine():
+  """An absolute --out inside the working directory is written relative (in a child:
+  importing the script defines its flags)."""
+  code = (
+    "import os\n"
+    "from experiments.compare import _portable\n"
+    "here = os.getcwd()\n"
+    "assert _portable(f'--out={here}/results/x') == '--out=results/x'\n"
+    "assert _portable('--out=/elsewhere/x') == '--out=/elsewhere/x'\n"
+    "assert _portable('--seeds=0,1') == '--seeds=0,1'\n"
+    "print('ok')\n"
+  )
+  r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+  assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
