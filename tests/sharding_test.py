@@ -22,15 +22,16 @@ CHILD = textwrap.dedent(
   out = {}
   kw = dict(
     synth_users=203, synth_items=301, synth_interactions=6000, batch_size=256,
-    meta_every=5, hyper_batch_size=256, meta_batch_size=256, epochs=2, propagation="segment",
+    meta_every=5, hyper_batch_size=256, meta_batch_size=256, propagation="segment",
   )
   for model, weighting, opt in (("mf", "none", "adam"), ("mf", "none", "sgd"),
                                 ("lightgcn", "meta", "adam")):
     finals, trainers = {}, {}
     for mesh in (1, 8):
       lr = 5.0 if opt == "sgd" else 1e-3
+      # two epochs for meta: its steps start once validation beats popularity
       cfg = Config.from_flat(**kw, model=model, weighting=weighting, mesh_devices=mesh,
-                             optimizer=opt, learning_rate=lr)
+                             optimizer=opt, learning_rate=lr, epochs=2 if weighting == "meta" else 1)
       finals[mesh] = train.train_and_evaluate(cfg, f"{sys.argv[1]}/{model}{opt}{mesh}")
       ds = data.load_dataset(cfg.data, seed=0, meta_ratio=cfg.meta_ratio)
       tr = train.Trainer(cfg, ds)
