@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,8 +25,8 @@ from absl import logging
 from flax import struct
 from optax import tree as otree
 
-from maxrec import implicit
-from maxrec.objective import Objective, softplus_inverse
+from maxrec import implicit, runfiles
+from maxrec.objective import Objective, aux_weights, host_aux_params
 
 
 @struct.dataclass
@@ -47,27 +46,6 @@ class MetaState:
   num_skipped: jax.Array
 
 
-class WeightNet(nn.Module):
-  """[A6] Per-anchor weights: softplus(MLP([log(1+deg), ℓ])) for K tasks.
-
-  Starts at the scalar solution: last layer's kernel 0 and bias softplus⁻¹(w_init).
-  """
-
-  num_tasks: int
-  hidden: int = 16
-  init_weight: float = 0.1
-
-  @nn.compact
-  def __call__(self, features):  # [A, 2] -> [A, K] pre-softplus
-    h = nn.relu(nn.Dense(self.hidden)(features))
-    bias = float(softplus_inverse(self.init_weight))
-    return nn.Dense(
-      self.num_tasks,
-      kernel_init=nn.initializers.zeros,
-      bias_init=nn.initializers.constant(bias),
-    )(h)
-
-
 def _failed_solve(info: implicit.HypergradInfo, cfg) -> jax.Array:
   """A solve is unusable when it is non-finite, when CG stopped on negative curvature
   before taking a step (v = 0: no information), or when, without a curvature stop, its
@@ -82,7 +60,7 @@ def _failed_solve(info: implicit.HypergradInfo, cfg) -> jax.Array:
 def clip_phi(phi, w_max: float):
   """Caps scalar weights at w_max (φ <= softplus⁻¹(w_max)); pytrees (networks) pass."""
   if isinstance(phi, jax.Array) and phi.ndim == 1:
-    return jnp.minimum(phi, float(softplus_inverse(w_max)))
+    return jnp.minimum(phi, float(host_aux_params("meta", (w_max,))[0]))
   return phi
 
 
@@ -175,8 +153,9 @@ class MetaLearner:
       predicted_change=otree.vdot(hg, otree.sub(new_phi, phi)),
     )
     if "alignment" in info and isinstance(phi, jax.Array) and phi.ndim == 1:
-      # w_k = softplus(φ_k): alignment_k = w'_k <∇L_k, g>, column norm_k = w'_k ‖∇L_k‖.
-      slope = jax.nn.sigmoid(phi)
+      # alignment_k = w'_k <∇L_k, g>, column norm_k = w'_k ‖∇L_k‖, w'_k = dw_k/dφ_k
+      weights = lambda p: aux_weights("meta", p)[0]  # noqa: E731
+      slope = jax.jvp(weights, (phi,), (jnp.ones_like(phi),))[1]
       info["alignment"] = info["alignment"] / slope
       if self.mixed == "jvp":
         denom = jnp.maximum(info["column_norms"] * info["meta_grad_norm"], 1e-30)
@@ -199,7 +178,8 @@ def info_to_record(info: dict, task_names: tuple[str, ...], phi) -> dict:
   if phi is not None and phi.ndim == 1:
     rec["hypergrad"] = dict(zip(task_names, np.asarray(hg).tolist()))
     rec["phi"] = dict(zip(task_names, phi.tolist()))
-    rec["weights"] = dict(zip(task_names, np.logaddexp(0.0, phi).tolist()))
+    weights = np.asarray(aux_weights("meta", jnp.asarray(phi))[0])
+    rec["weights"] = dict(zip(task_names, weights.tolist()))
   else:
     leaves = jax.tree.leaves(hg)
     rec["hypergrad_norm"] = float(np.sqrt(sum(np.sum(np.square(x)) for x in leaves)))
@@ -323,36 +303,8 @@ class MetaRunner:
       meta_step_s=seconds, inner_step_s=inner, meta_over_inner=seconds / max(inner, 1e-9)
     )
     self.count += 1
-    logging.info("%s", self._describe_step(record))
+    logging.info("%s", runfiles.format_meta_step(record, self.cfg.hypergrad, self.cfg.max_residual))
     return train_state.replace(aux_params=phi), record
-
-  def _describe_step(self, r: dict) -> str:
-    msg = f"meta {r['meta_step']} (step {r['step']})"
-    msg += "".join(f" w_{k}={v:.4g}" for k, v in r.get("weights", {}).items())
-    if "hypergrad" in r:
-      msg += " | hypergrad " + " ".join(f"{v:+.3g}" for v in r["hypergrad"].values())
-    else:
-      msg += f" | hypergrad norm {r['hypergrad_norm']:.3g}"
-    if self.cfg.hypergrad == "cg":
-      curvature = ", negative curvature" if r["negative_curvature"] else ""
-      msg += f" | CG {r['num_steps']} steps, residual {r['relative_residual']:.2g}{curvature}"
-    elif self.cfg.hypergrad == "neumann":
-      msg += f" | Neumann {r['num_steps']} terms, residual {r['relative_residual']:.2g}"
-    elif self.cfg.hypergrad == "unrolled":
-      msg += f" | unrolled {r['num_steps']} steps"
-    msg += f" | λ̂max {r['lambda_max']:.3g}"
-    msg += f" | {r['meta_step_s']:.3f}s ({r['meta_over_inner']:.1f}x an inner step)"
-    if r["skipped"]:
-      if r.get("hypergrad_nonfinite"):
-        why = "non-finite hypergradient"
-      elif r.get("negative_curvature") and r.get("num_steps") == 0:
-        why = "negative curvature before the first CG step"
-      elif r.get("relative_residual", 0) > self.cfg.max_residual:
-        why = f"relative residual above --max_residual={self.cfg.max_residual:g}"
-      else:
-        why = "non-finite solve"
-      msg += f" | SKIPPED ({why})"
-    return msg
 
   def host_state(self) -> dict:
     """Counters that a checkpoint must carry (the batches of meta step k depend on k)."""

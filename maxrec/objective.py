@@ -13,17 +13,20 @@
                                                 learned with θ by the inner optimizer)
 
 With the optional weighting network [A6], φ is the network's parameters and each anchor
-gets its own weights.
+gets its own weights. `aux_weights` is the one map from φ to weights, `init_aux_params`
+its inverse; every other module goes through them.
 """
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from maxrec import auxiliary, losses
 from maxrec import graph as graph_lib
+from maxrec.config import Config
 from maxrec.graph import Graph
 
 
@@ -33,19 +36,85 @@ def softplus_inverse(w) -> np.ndarray:
   return np.where(w > 20, w, np.log(np.expm1(np.minimum(w, 20))))
 
 
-def init_aux_params(weighting: str, init_weights: tuple[float, ...]) -> jax.Array:
-  """Unconstrained φ for the initial weights (s = -log w for uncertainty)."""
-  w = np.asarray(init_weights, np.float64)
-  if weighting == "uncertainty":
-    return jnp.asarray(-np.log(w), jnp.float32)
-  return jnp.asarray(softplus_inverse(w), jnp.float32)
+def init_aux_params(weighting: str, init_weights) -> jax.Array:
+  """φ [K] float32 with `aux_weights(weighting, φ)` = the weights [K] (s = -log w for
+  uncertainty, softplus⁻¹(w) otherwise)."""
+  return jnp.asarray(host_aux_params(weighting, init_weights))
+
+
+def host_aux_params(weighting: str, weights) -> np.ndarray:
+  """`init_aux_params` on the host (NumPy float32; usable while tracing)."""
+  w = np.asarray(weights, np.float64)
+  return (-np.log(w) if weighting == "uncertainty" else softplus_inverse(w)).astype(np.float32)
 
 
 def aux_weights(weighting: str, aux_params) -> tuple[jax.Array, jax.Array]:
-  """(weights [K], penalty) for scalar weighting schemes."""
+  """(weights [K], penalty) of scalar φ [K]: exp(-s) and Σ s for uncertainty, softplus(φ)
+  and 0 for fixed, meta and replay."""
   if weighting == "uncertainty":
     return jnp.exp(-aux_params), jnp.sum(aux_params)
   return jax.nn.softplus(aux_params), jnp.zeros((), aux_params.dtype)
+
+
+class WeightNet(nn.Module):
+  """[A6] Per-anchor weights: softplus(MLP([log(1+deg), ℓ])) for K tasks.
+
+  Starts at the scalar solution: last layer's kernel 0 and bias softplus⁻¹(w_init).
+  """
+
+  num_tasks: int
+  hidden: int = 16
+  init_weight: float = 0.1
+
+  @nn.compact
+  def __call__(self, features):  # [A, 2] -> [A, K] pre-softplus
+    h = nn.relu(nn.Dense(self.hidden)(features))
+    bias = float(softplus_inverse(self.init_weight))
+    return nn.Dense(
+      self.num_tasks,
+      kernel_init=nn.initializers.zeros,
+      bias_init=nn.initializers.constant(bias),
+    )(h)
+
+
+def _weight_net(cfg: Config) -> WeightNet | None:
+  if cfg.aux.weighting == "meta" and cfg.meta.weight_net:
+    return WeightNet(len(cfg.aux.tasks), init_weight=cfg.aux.initial_weights[0])
+  return None
+
+
+def initial_aux_params(cfg: Config):
+  """φ at the start: scalar weights [K], or the [A6] network's parameters."""
+  net = _weight_net(cfg)
+  if net is not None:
+    return net.init(jax.random.key(cfg.train.seed + 1), jnp.zeros((1, 2)))["params"]
+  return init_aux_params(cfg.aux.weighting, cfg.aux.initial_weights)
+
+
+def make_objective(model, cfg: Config, anchor_caps: tuple[int, int] | None = None) -> Objective:
+  """The run's objective; `anchor_caps` bounds the distinct users and items per batch that
+  the contrastive tasks hold (default: the batch size)."""
+  settings = auxiliary.AuxSettings(
+    temperature=cfg.aux.ssl_temperature,
+    edge_drop=cfg.aux.edge_drop,
+    view_layers=cfg.view_layers,
+    simgcl_eps=cfg.aux.simgcl_eps,
+    kernel=cfg.model.propagation,
+    max_users=None if anchor_caps is None else anchor_caps[0],
+    max_items=None if anchor_caps is None else anchor_caps[1],
+    anchors=cfg.aux.ssl_anchors or None,
+  )
+  net = _weight_net(cfg)
+  weight_net = None if net is None else lambda params, f: net.apply({"params": params}, f)
+  return Objective(
+    model,
+    cfg.train.l2_reg,
+    cfg.aux.tasks,
+    cfg.aux.weighting,
+    settings,
+    weight_net=weight_net,
+    meta_loss=cfg.meta.meta_loss,
+  )
 
 
 class Objective:

@@ -1,4 +1,5 @@
-"""The files a run writes to its work directory, written atomically."""
+"""The files a run writes to its work directory, written atomically, and the log lines
+that describe an epoch, a meta step and the final result."""
 
 from __future__ import annotations
 
@@ -85,6 +86,60 @@ class RunFiles:
     for f in self._logs.values():
       f.close()
     self._logs = {}
+
+
+def _fmt(d: dict, keys) -> str:
+  return " ".join(f"{k}={d[k]:.4f}" for k in keys if k in d)
+
+
+def format_epoch(record: dict, task_names: tuple[str, ...]) -> str:
+  """The log line of one epoch's `metrics.jsonl` record."""
+  msg = f"epoch {record['epoch']:3d} | {_fmt(record, ('loss', 'bpr', 'l2', *task_names))}"
+  if task_names:
+    msg += " | w " + " ".join(f"{k}={record['weight_' + k]:.3g}" for k in task_names)
+  msg += f" | {record['epoch_s']:.2f}s ({record['interactions_per_s']:,.0f} interactions/s)"
+  if "valid" in record:
+    msg += f" | valid {_fmt(record['valid'], ('recall@20', 'ndcg@20'))}"
+  return f"{msg} | elapsed {record['elapsed_s']:.1f}s"
+
+
+def format_final(final: dict) -> str:
+  """The log line of `final_metrics.json`."""
+  weights = "".join(f" | w {k}={v:.3g}" for k, v in final.get("aux_weights", {}).items())
+  return (
+    f"best epoch {final['best_epoch']} | test {_fmt(final['test'], ('recall@20', 'ndcg@20'))}"
+    f" | popularity {_fmt(final['popularity'], ('recall@20', 'ndcg@20'))}{weights}"
+  )
+
+
+def format_meta_step(r: dict, hypergrad: str, max_residual: float) -> str:
+  """The log line of one meta step's `meta.jsonl` record (--hypergrad, --max_residual)."""
+  msg = f"meta {r['meta_step']} (step {r['step']})"
+  msg += "".join(f" w_{k}={v:.4g}" for k, v in r.get("weights", {}).items())
+  if "hypergrad" in r:
+    msg += " | hypergrad " + " ".join(f"{v:+.3g}" for v in r["hypergrad"].values())
+  else:
+    msg += f" | hypergrad norm {r['hypergrad_norm']:.3g}"
+  if hypergrad == "cg":
+    curvature = ", negative curvature" if r["negative_curvature"] else ""
+    msg += f" | CG {r['num_steps']} steps, residual {r['relative_residual']:.2g}{curvature}"
+  elif hypergrad == "neumann":
+    msg += f" | Neumann {r['num_steps']} terms, residual {r['relative_residual']:.2g}"
+  elif hypergrad == "unrolled":
+    msg += f" | unrolled {r['num_steps']} steps"
+  msg += f" | λ̂max {r['lambda_max']:.3g}"
+  msg += f" | {r['meta_step_s']:.3f}s ({r['meta_over_inner']:.1f}x an inner step)"
+  if r["skipped"]:
+    if r.get("hypergrad_nonfinite"):
+      why = "non-finite hypergradient"
+    elif r.get("negative_curvature") and r.get("num_steps") == 0:
+      why = "negative curvature before the first CG step"
+    elif r.get("relative_residual", 0) > max_residual:
+      why = f"relative residual above --max_residual={max_residual:g}"
+    else:
+      why = "non-finite solve"
+    msg += f" | SKIPPED ({why})"
+  return msg
 
 
 def _json_default(x):

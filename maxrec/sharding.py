@@ -21,6 +21,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -120,6 +121,28 @@ def shard_batches(batches: dict, mesh: Mesh) -> dict:
     return NamedSharding(mesh, P(*([None] * (x.ndim - 1)), AXIS))
 
   return {k: put(v, spec(k, np.asarray(v))) for k, v in batches.items()}
+
+
+def sharded_config(cfg, mesh: Mesh):
+  """The configuration to train with on `mesh`: unchanged on one device; on D > 1 devices
+  batch sizes must split evenly, and the graph product uses the `segment` kernel, which
+  XLA can partition.
+
+  Raises:
+    ValueError: a batch size that D does not divide.
+  """
+  d = mesh.size
+  if d == 1:
+    return cfg
+  sizes = {"batch_size": cfg.train.batch_size}
+  sizes.update({k: cfg.flat()[k] for k in ("hyper_batch_size", "meta_batch_size")})
+  for name, value in sizes.items():  # an automatic batch size is a multiple of 1024
+    if value is not None and value % d:
+      raise ValueError(f"--{name}={value} must be a multiple of the {d} devices of the mesh.")
+  if cfg.model.propagation != "segment":
+    logging.info("sharded over %d devices: using --propagation=segment", d)
+    cfg = cfg.replace(propagation="segment")
+  return cfg
 
 
 def describe(mesh: Mesh) -> str:

@@ -206,3 +206,85 @@ def native_sparse_step(
   if adam:
     count = count + ok.astype(count.dtype)
   return table, count, scratch, {"loss": out[0], "bpr": out[1], "l2": out[2]}, ok
+
+
+class SparseStep:
+  """The row-sparse MF step behind one interface, whatever the kernel and optimizer.
+
+  `steps.run_steps_fn` drives it: `init(state, ctx)` builds the working table (a [U + I, 3d]
+  slab of (θ, m, v) for lazy Adam, a [U + I, d] node table for SGD), `step(carry, batch,
+  scale, ctx)` runs one step on it and returns (carry, loss parts, ok), and
+  `finalize(state, carry, count)` splits the table back into the state's parameters and
+  optimizer state. A step that is not ok writes nothing.
+
+  Args:
+    n_users: user rows of the tables (padded on a mesh).
+    l2_reg, learning_rate: λ and the constant rate.
+    optimizer: "adam" (lazy Adam) or "sgd".
+    kernel: "xla" (`sparse_mf_step` / `sparse_sgd_step`) or "native" (`native_sparse_step`).
+  """
+
+  def __init__(self, n_users: int, l2_reg: float, learning_rate: float, optimizer: str, kernel):
+    if kernel not in ("xla", "native"):
+      raise ValueError(f"kernel={kernel!r}: use 'xla' or 'native'")
+    if optimizer not in ("adam", "sgd"):
+      raise ValueError(f"optimizer={optimizer!r}: use 'adam' or 'sgd'")
+    self.n_users, self.l2_reg, self.lr = n_users, l2_reg, learning_rate
+    self.adam, self.kernel = optimizer == "adam", kernel
+
+  def with_opt_state(self, state):
+    """`state` with the optimizer state this step keeps: lazy Adam's slots and count (SGD
+    keeps the optax state it has, which is empty)."""
+    return state.replace(opt_state=lazy_adam_init(state.params)) if self.adam else state
+
+  def init(self, state, ctx):
+    del ctx
+    if self.adam:
+      table = to_slab(state.params, state.opt_state)
+      return table, state.opt_state.count, jnp.zeros((table.shape[0],), jnp.int32)
+    table = node_table(state.params)
+    # the native SGD step needs a scratch table too (and takes a count that it ignores)
+    return table, jnp.zeros((), jnp.int32), jnp.zeros((table.shape[0],), jnp.int32)
+
+  def step(self, carry, batch, scale, ctx):
+    del ctx
+    table, count, scratch = carry
+    args = (batch, self.n_users, self.l2_reg, self.lr, scale)
+    if self.kernel == "native":
+      table, count, scratch, parts, ok = native_sparse_step(
+        table, count, scratch, *args, adam=self.adam
+      )
+    elif self.adam:
+      table, count, scratch, parts, ok = sparse_mf_step(table, count, scratch, *args)
+    else:
+      table, parts, ok = sparse_sgd_step(table, *args)
+    return (table, count, scratch), parts, ok
+
+  def finalize(self, state, carry, count):
+    table, n, _ = carry
+    if self.adam:
+      params, opt_state = from_slab(table, self.n_users, n)
+    else:
+      params, opt_state = table_params(table, self.n_users, table.shape[1]), state.opt_state
+    return state.replace(step=state.step + count, params=params, opt_state=opt_state)
+
+
+def resolve_kernel(choice: str, sharded: bool) -> str:
+  """The row-sparse MF step's kernel for `--sparse_kernel=choice`: "native" (the fused
+  CPU kernel, `maxrec.native.bpr_step`) or "xla". "auto" is native on one CPU device when
+  the kernel builds (else a warning from `native.available` and xla)."""
+  on_cpu = jax.default_backend() == "cpu"
+  if choice == "native":
+    if not on_cpu or sharded:
+      where = "tables sharded over a mesh" if sharded else f"backend {jax.default_backend()}"
+      raise ValueError(
+        f"--sparse_kernel=native runs on one CPU device only ({where}); use auto or xla."
+      )
+    if not native.available():
+      raise RuntimeError(
+        f"--sparse_kernel=native: the native kernels are unavailable: {native.why()}"
+      )
+    return "native"
+  if choice == "auto" and on_cpu and not sharded and native.available():
+    return "native"
+  return "xla"

@@ -27,14 +27,10 @@ from maxrec import checkpoint, metrics, recommend, replay, sharding
 from maxrec import data as data_lib
 from maxrec.config import Config, MetaConfig, ModelConfig
 from maxrec.objective import aux_weights
-from maxrec.runfiles import RunFiles
-from maxrec.trainer import Trainer, _sharded_config
+from maxrec.runfiles import RunFiles, format_epoch, format_final
+from maxrec.trainer import Trainer
 
 __all__ = ["Progress", "Trainer", "config_warnings", "train_and_evaluate"]
-
-
-def _fmt(d: dict, keys) -> str:
-  return " ".join(f"{k}={d[k]:.4f}" for k in keys if k in d)
 
 
 @dataclasses.dataclass
@@ -124,6 +120,22 @@ def _check_disk(files: RunFiles, trainer: Trainer, cfg: Config) -> None:
     )
 
 
+@dataclasses.dataclass
+class _Run:
+  """One run's pieces, built once by `_start` and shared by the loop's functions."""
+
+  cfg: Config
+  files: RunFiles
+  ds: data_lib.Dataset
+  trainer: Trainer
+  prog: Progress
+  valid_set: metrics.EvalSet
+  test_set: metrics.EvalSet
+  learned_at: float  # popularity's validation score: the bar for patience and meta steps
+  t_start: float
+  flat_config: dict  # the configuration as given (config.json, model.npz)
+
+
 def train_and_evaluate(config: Config, workdir: str, resume: bool = False) -> dict:
   """Trains the configured model, selects the best validation epoch, tests it.
 
@@ -141,15 +153,29 @@ def train_and_evaluate(config: Config, workdir: str, resume: bool = False) -> di
     FloatingPointError: a non-finite step with --on_nonfinite=stop.
   """
   t_start = time.perf_counter()
-  cfg = config
-  mesh = sharding.make_mesh(cfg.train.mesh_devices)  # flags first: no work on a bad mesh
-  if mesh.size > 1:
-    _sharded_config(cfg, mesh)
+  run = _start(config, workdir, resume, t_start)
+  if isinstance(run, dict):  # a finished run: nothing to resume
+    return run
+  prog, budget = run.prog, run.cfg.train.time_budget_s
+  while prog.epoch < run.cfg.epochs and prog.bad_evals < run.cfg.train.patience:
+    elapsed = prog.elapsed_s + time.perf_counter() - t_start
+    if prog.epoch > 0 and budget > 0 and elapsed > budget:
+      logging.info("time budget: stopping after epoch %d (--time_budget_s=%g)", prog.epoch, budget)
+      break
+    _epoch(run)
+  return _finish(run)
+
+
+def _start(config: Config, workdir: str, resume: bool, t_start: float) -> _Run | dict:
+  """Checks the configuration, reads the data and builds the trainer, once; restores the
+  latest checkpoint with `resume`. Returns a finished run's final metrics as they are."""
+  mesh = sharding.make_mesh(config.train.mesh_devices)  # flags first: no work on a bad mesh
+  cfg = sharding.sharded_config(config, mesh)
   if cfg.aux.weighting == "replay":  # a bad source fails before any data is read
     replay.load_trajectory(cfg.aux.replay_from, cfg.aux.tasks)
   files = RunFiles(workdir, resume=resume)
   if resume:
-    _check_resumable(files, cfg)
+    _check_resumable(files, config)
     if files.exists("final_metrics.json"):
       logging.warning(
         "%s already finished (final_metrics.json exists): nothing to resume. A finished run "
@@ -157,22 +183,20 @@ def train_and_evaluate(config: Config, workdir: str, resume: bool = False) -> di
         workdir,
       )
       return files.read_json("final_metrics.json")
-  files.write_json("config.json", cfg.flat())
+  files.write_json("config.json", config.flat())
   ds = data_lib.load_dataset(cfg.data, seed=cfg.train.seed, meta_ratio=cfg.meta_ratio)
   logging.info("%s", data_lib.describe(ds))
   for w in data_lib.warnings(ds):
     logging.warning("%s", w)
   files.write_json("data_summary.json", ds.summary)
 
-  trainer = Trainer(cfg, ds)
-  objective, n_batches = trainer.objective, trainer.n_batches
+  trainer = Trainer(cfg, ds, mesh)
   _check_disk(files, trainer, cfg)
-  for w in config_warnings(cfg, n_batches):
+  for w in config_warnings(cfg, trainer.n_batches):
     logging.warning("%s", w)
   if trainer.meta is not None:
     logging.info("%s", trainer.meta.describe())
-  if trainer.meta is not None:  # no meta step before the model has started to learn
-    trainer.meta.active_at = None
+    trainer.meta.active_at = None  # no meta step before the model has started to learn
   if resume:
     prog = _restore(files, trainer)
   else:  # copies: the state's buffers are donated to the first step
@@ -180,7 +204,6 @@ def train_and_evaluate(config: Config, workdir: str, resume: bool = False) -> di
       best_params=jax.tree.map(jnp.copy, trainer.state.params),
       best_aux=jax.tree.map(jnp.copy, trainer.state.aux_params),
     )
-
   valid_set = trainer.eval_set(ds.valid, ds.observed)
   test_set = trainer.eval_set(ds.test, np.concatenate([ds.observed, ds.valid]))
   logging.info(
@@ -189,92 +212,107 @@ def train_and_evaluate(config: Config, workdir: str, resume: bool = False) -> di
     valid_set.n_excluded,
     test_set.n_users,
   )
-
-  ks, select = cfg.train.topk, cfg.train.early_stop_metric
-  budget = cfg.train.time_budget_s
   # Patience counts only once the model ranks validation items better than popularity:
   # before that it has not started to learn (LightGCN may need 10x MF's epochs).
   pop_u, pop_i = metrics.popularity_embeddings(ds.observed, ds.n_users, ds.n_items)
-  learned_at = metrics.evaluate(pop_u, pop_i, valid_set, ks)[select]
+  learned_at = metrics.evaluate(pop_u, pop_i, valid_set, cfg.train.topk)[
+    cfg.train.early_stop_metric
+  ]
+  return _Run(
+    cfg, files, ds, trainer, prog, valid_set, test_set, learned_at, t_start, config.flat()
+  )
 
-  def out_of_time() -> bool:
-    return budget > 0 and prog.elapsed_s + time.perf_counter() - t_start > budget
 
-  while prog.epoch < cfg.epochs and prog.bad_evals < cfg.train.patience:
-    if prog.epoch > 0 and out_of_time():
-      logging.info("time budget: stopping after epoch %d (--time_budget_s=%g)", prog.epoch, budget)
-      break
-    epoch = prog.epoch + 1
-    sums, times = trainer.epoch(
-      lambda rec, e=epoch: files.append("meta.jsonl", {"epoch": e, **rec})
+def _epoch(run: _Run) -> None:
+  """Trains one epoch, validates when due, logs it, checkpoints when due."""
+  cfg, trainer, prog = run.cfg, run.trainer, run.prog
+  epoch = prog.epoch + 1
+  record = _train_epoch(run, epoch)
+  prog.epoch = epoch
+  valid = _validate(run, epoch) if cfg.validates_after(epoch) else None
+  if valid is not None:
+    record["valid"] = valid
+  logging.info("%s", format_epoch(record, trainer.objective.task_names))
+  run.files.append("metrics.jsonl", record)
+  if prog.bad_evals >= cfg.train.patience:
+    logging.info(
+      "early stop: %s did not improve for %d validations",
+      cfg.train.early_stop_metric,
+      prog.bad_evals,
     )
-    t_epoch = times["epoch_s"]
-    sums = jax.device_get(sums)
-    good = float(sums.pop("good"))
-    record = {"epoch": epoch, **{k: float(v) / max(good, 1.0) for k, v in sums.items()}}
-    record["skipped_steps"] = int(n_batches - good)
-    if record["skipped_steps"]:
-      first = int(trainer.state.first_bad_step)
-      logging.warning(
-        "epoch %d: %d step(s) skipped for a non-finite loss or gradient (first at step %d; "
-        "%d in the run so far)",
-        epoch,
-        record["skipped_steps"],
-        first,
-        int(trainer.state.bad_steps),
+  if epoch % cfg.train.checkpoint_every == 0:
+    saved_elapsed = prog.elapsed_s
+    prog.elapsed_s = record["elapsed_s"]
+    _save_checkpoint(run.files, trainer, prog, cfg)
+    prog.elapsed_s = saved_elapsed
+
+
+def _train_epoch(run: _Run, epoch: int) -> dict:
+  """One epoch of training; its record (mean loss parts, timings). Stops the run on a
+  non-finite step with --on_nonfinite=stop."""
+  trainer, n_batches = run.trainer, run.trainer.n_batches
+  sums, times = trainer.epoch(lambda rec: run.files.append("meta.jsonl", {"epoch": epoch, **rec}))
+  sums = jax.device_get(sums)
+  good = float(sums.pop("good"))
+  record = {"epoch": epoch, **{k: float(v) / max(good, 1.0) for k, v in sums.items()}}
+  record["skipped_steps"] = int(n_batches - good)
+  if record["skipped_steps"]:
+    first = int(trainer.state.first_bad_step)
+    logging.warning(
+      "epoch %d: %d step(s) skipped for a non-finite loss or gradient (first at step %d; "
+      "%d in the run so far)",
+      epoch,
+      record["skipped_steps"],
+      first,
+      int(trainer.state.bad_steps),
+    )
+    if run.cfg.train.on_nonfinite == "stop":
+      run.files.append("metrics.jsonl", record)
+      raise FloatingPointError(
+        f"non-finite loss or gradient at step {first} (epoch {epoch}); stopped as "
+        "--on_nonfinite=stop asks. The last good checkpoint is kept; rerun with --resume "
+        "after fixing the cause, or use --on_nonfinite=skip."
       )
-      if cfg.train.on_nonfinite == "stop":
-        files.append("metrics.jsonl", record)
-        raise FloatingPointError(
-          f"non-finite loss or gradient at step {first} (epoch {epoch}); stopped as "
-          "--on_nonfinite=stop asks. The last good checkpoint is kept; rerun with --resume "
-          "after fixing the cause, or use --on_nonfinite=skip."
-        )
-    record.update(
-      step=int(trainer.state.step),
-      **times,
-      interactions_per_s=n_batches * trainer.batch_size / t_epoch,
-      elapsed_s=prog.elapsed_s + time.perf_counter() - t_start,
-    )
-    msg = f"epoch {epoch:3d} | {_fmt(record, ('loss', 'bpr', 'l2', *objective.task_names))}"
-    if objective.task_names:
-      msg += " | w " + " ".join(f"{k}={record['weight_' + k]:.3g}" for k in objective.task_names)
-    msg += f" | {t_epoch:.2f}s ({record['interactions_per_s']:,.0f} interactions/s)"
-    prog.epoch = epoch
-    if cfg.validates_after(epoch):
-      valid = metrics.evaluate(*trainer.embeddings(), valid_set, ks)
-      record["valid"] = valid
-      msg += f" | valid {_fmt(valid, ('recall@20', 'ndcg@20'))}"
-      if valid[select] > prog.best_score:
-        prog.best_epoch, prog.best_score, prog.best_valid = epoch, valid[select], valid
-        prog.best_params = jax.tree.map(jnp.copy, trainer.state.params)
-        prog.best_aux = jax.tree.map(jnp.copy, trainer.state.aux_params)
-        prog.bad_evals = 0
-      elif prog.best_score > learned_at:
-        prog.bad_evals += 1
-      if trainer.meta is not None and trainer.meta.active_at is None and valid[select] > learned_at:
-        # the hypergradient assumes θ near θ*(φ): meaningless for a model that ranks worse
-        # than popularity (MF's first epochs), so meta steps start once it ranks better
-        trainer.meta.active_at = int(trainer.state.step)
-        logging.info(
-          "meta-learning starts: validation %s %.4f beats popularity's %.4f",
-          select,
-          valid[select],
-          learned_at,
-        )
-    logging.info("%s | elapsed %.1fs", msg, record["elapsed_s"])
-    files.append("metrics.jsonl", record)
-    if prog.bad_evals >= cfg.train.patience:
-      logging.info("early stop: %s did not improve for %d validations", select, prog.bad_evals)
-    if epoch % cfg.train.checkpoint_every == 0:
-      saved_elapsed = prog.elapsed_s
-      prog.elapsed_s = record["elapsed_s"]
-      _save_checkpoint(files, trainer, prog, cfg)
-      prog.elapsed_s = saved_elapsed
+  record.update(
+    step=int(trainer.state.step),
+    **times,
+    interactions_per_s=n_batches * trainer.batch_size / times["epoch_s"],
+    elapsed_s=run.prog.elapsed_s + time.perf_counter() - run.t_start,
+  )
+  return record
 
-  test = metrics.evaluate(*trainer.embeddings(prog.best_params), test_set, ks)
+
+def _validate(run: _Run, epoch: int) -> dict:
+  """Validation metrics after `epoch`; keeps the best epoch's parameters, counts patience
+  and starts the meta steps once the model beats popularity."""
+  trainer, prog, select = run.trainer, run.prog, run.cfg.train.early_stop_metric
+  valid = metrics.evaluate(*trainer.embeddings(), run.valid_set, run.cfg.train.topk)
+  if valid[select] > prog.best_score:
+    prog.best_epoch, prog.best_score, prog.best_valid = epoch, valid[select], valid
+    prog.best_params = jax.tree.map(jnp.copy, trainer.state.params)
+    prog.best_aux = jax.tree.map(jnp.copy, trainer.state.aux_params)
+    prog.bad_evals = 0
+  elif prog.best_score > run.learned_at:
+    prog.bad_evals += 1
+  if trainer.meta is not None and trainer.meta.active_at is None and valid[select] > run.learned_at:
+    # the hypergradient assumes θ near θ*(φ): meaningless for a model that ranks worse
+    # than popularity (MF's first epochs), so meta steps start once it ranks better
+    trainer.meta.active_at = int(trainer.state.step)
+    logging.info(
+      "meta-learning starts: validation %s %.4f beats popularity's %.4f",
+      select,
+      valid[select],
+      run.learned_at,
+    )
+  return valid
+
+
+def _finish(run: _Run) -> dict:
+  """Tests the selected epoch, saves the model and writes `final_metrics.json`."""
+  cfg, trainer, prog, ds, ks = run.cfg, run.trainer, run.prog, run.ds, run.cfg.train.topk
+  test = metrics.evaluate(*trainer.embeddings(prog.best_params), run.test_set, ks)
   pop_u, pop_i = metrics.popularity_embeddings(ds.observed, ds.n_users, ds.n_items)
-  popularity = metrics.evaluate(pop_u, pop_i, test_set, ks)
+  popularity = metrics.evaluate(pop_u, pop_i, run.test_set, ks)
   final = {
     "best_epoch": prog.best_epoch,
     "valid": prog.best_valid,
@@ -282,24 +320,20 @@ def train_and_evaluate(config: Config, workdir: str, resume: bool = False) -> di
     "popularity": popularity,
     "epochs_run": prog.epoch,
     "skipped_steps": int(trainer.state.bad_steps),
-    "wall_s": prog.elapsed_s + time.perf_counter() - t_start,
+    "wall_s": prog.elapsed_s + time.perf_counter() - run.t_start,
   }
+  objective = trainer.objective
   if objective.task_names and not (cfg.aux.weighting == "meta" and cfg.meta.weight_net):
     final.update(_weights_summary(cfg, objective, prog.best_aux, trainer.state.aux_params))
   if trainer.meta is not None:
     final["meta"] = trainer.meta.summary()
   user_emb, item_emb = sharding.to_host(trainer.embeddings(prog.best_params))
-  if files.writes:
-    recommend.save_model(files.path(recommend.MODEL_FILE), user_emb, item_emb, ds, cfg.flat())
-  files.write_json("final_metrics.json", final)
-  files.close()
-  logging.info(
-    "best epoch %d | test %s | popularity %s%s",
-    prog.best_epoch,
-    _fmt(test, ("recall@20", "ndcg@20")),
-    _fmt(popularity, ("recall@20", "ndcg@20")),
-    "".join(f" | w {k}={v:.3g}" for k, v in final.get("aux_weights", {}).items()),
-  )
+  if run.files.writes:
+    path = run.files.path(recommend.MODEL_FILE)
+    recommend.save_model(path, user_emb, item_emb, ds, run.flat_config)
+  run.files.write_json("final_metrics.json", final)
+  run.files.close()
+  logging.info("%s", format_final(final))
   return final
 
 

@@ -24,18 +24,9 @@ from maxrec import meta as meta_lib
 from maxrec import metrics, replay, sharding, sparse, spectral
 from maxrec.config import Config
 from maxrec.models import make_model
-from maxrec.objective import softplus_inverse
+from maxrec.objective import init_aux_params, initial_aux_params, make_objective
 from maxrec.sampling import Sampler
-from maxrec.steps import (
-  init_state,
-  initial_aux_params,
-  make_objective,
-  make_run_steps,
-  resolve_sparse_kernel,
-  run_steps_fn,
-  sparse_run_steps_fn,
-  uses_sparse_updates,
-)
+from maxrec.steps import DenseStep, init_state, make_run_steps
 
 
 class Trainer:
@@ -50,16 +41,16 @@ class Trainer:
     replay: the replayed `replay.Trajectory` with --weighting=replay [A9], else None.
   """
 
-  def __init__(self, cfg: Config, ds: data_lib.Dataset):
+  def __init__(self, cfg: Config, ds: data_lib.Dataset, mesh=None):
+    if mesh is None:
+      mesh = sharding.make_mesh(cfg.train.mesh_devices)
+      cfg = sharding.sharded_config(cfg, mesh)
     self.cfg, self.ds = cfg, ds
     self.epochs_done = 0
     self._prefetch = concurrent.futures.ThreadPoolExecutor(max_workers=1)
     self._next = None  # (epoch index, future of its batches)
-    self.mesh = sharding.make_mesh(cfg.train.mesh_devices)
-    if self.mesh.size == 1:
-      self.mesh = None
-    else:
-      cfg = self.cfg = _sharded_config(cfg, self.mesh)
+    self.mesh = None if mesh.size == 1 else mesh
+    if self.mesh is not None:
       logging.info("mesh: %s", sharding.describe(self.mesh))
     n_users, n_items = ds.n_users, ds.n_items
     if self.mesh is not None:  # tables padded to a multiple of the device count
@@ -101,24 +92,22 @@ class Trainer:
         k: sharding.pad_rows(params[k], n) for k, n in zip(("user", "item"), (n_users, n_items))
       }
       self.state = self.state.replace(params=params)
-    inject = cfg.train.inject_nan_at_step
     self.sparse_kernel = None  # "native" or "xla" for row-sparse MF
-    if uses_sparse_updates(cfg):
-      if cfg.train.optimizer == "adam":
-        self.state = self.state.replace(opt_state=sparse.lazy_adam_init(self.state.params))
-      self.sparse_kernel = resolve_sparse_kernel(cfg.train.sparse_kernel, self.mesh is not None)
+    if cfg.sparse_mf:
+      self.sparse_kernel = sparse.resolve_kernel(cfg.train.sparse_kernel, self.mesh is not None)
       logging.info("row-sparse MF step: %s kernel", self.sparse_kernel)
-      fn = sparse_run_steps_fn(
-        cfg.train.l2_reg, lr, inject, cfg.train.optimizer, kernel=self.sparse_kernel
+      kind = sparse.SparseStep(
+        n_users, cfg.train.l2_reg, lr, cfg.train.optimizer, self.sparse_kernel
       )
+      self.state = kind.with_opt_state(self.state)
     else:
-      fn = run_steps_fn(self.objective, tx, aux_tx, inject)
+      kind = DenseStep(self.objective, tx, aux_tx)
     self._tables = {n_users, n_items, n_users + n_items}
     self.state = self.place(self.state)
     if self.mesh is not None:
       self.graph = sharding.shard_tree(self.graph, self.mesh, set())
       self.weights = sharding.put(self.weights, sharding.replicated(self.mesh))
-    self.run_steps = make_run_steps(self.objective, tx, fn=fn)
+    self.run_steps = make_run_steps(kind, cfg.train.inject_nan_at_step)
     model, (nu, ni) = self.model, (ds.n_users, ds.n_items)
     self._embed = jax.jit(
       lambda p, g, w: tuple(x[:n] for x, n in zip(model.apply({"params": p}, g, w), (nu, ni)))
@@ -264,7 +253,7 @@ class Trainer:
     n = batches["user"].shape[0]
     state, g, w = self.state, self.graph, self.weights
     if self.replay is not None:  # [A9]: φ frozen at the trajectory's value for this epoch
-      phi = softplus_inverse(self.replay.at_epoch(e + 1)).astype(state.aux_params.dtype)
+      phi = init_aux_params(self.cfg.aux.weighting, self.replay.at_epoch(e + 1))
       state = state.replace(aux_params=jax.device_put(phi, state.aux_params.sharding))
     cuts = self.meta.cut_points(int(state.step), n) if self.meta is not None else []
     sums, start, meta_s = None, 0, 0.0
@@ -298,18 +287,3 @@ def make_optimizer(cfg: Config, steps_per_epoch: int) -> optax.GradientTransform
   if cfg.lr_schedule == "cosine":
     lr = optax.cosine_decay_schedule(lr, max(cfg.epochs * steps_per_epoch, 1), alpha=0.01)
   return optax.adam(lr) if cfg.train.optimizer == "adam" else optax.sgd(lr)
-
-
-def _sharded_config(cfg: Config, mesh) -> Config:
-  """The configuration under a mesh of D > 1 devices: batch sizes must split evenly, and
-  the graph product uses the `segment` kernel, which XLA can partition."""
-  d = mesh.size
-  sizes = {"batch_size": cfg.train.batch_size}
-  sizes.update({k: cfg.flat()[k] for k in ("hyper_batch_size", "meta_batch_size")})
-  for name, value in sizes.items():  # an automatic batch size is a multiple of 1024
-    if value is not None and value % d:
-      raise ValueError(f"--{name}={value} must be a multiple of the {d} devices of the mesh.")
-  if cfg.model.propagation != "segment":
-    logging.info("sharded over %d devices: using --propagation=segment", d)
-    cfg = cfg.replace(propagation="segment")
-  return cfg

@@ -98,9 +98,9 @@ def test_bench_writes_every_figure(tmp_path):
   from maxrec import metrics
 
   assert res["eval_top_k"] == metrics.top_k_method(jnp.zeros((2, 2)))
-  from maxrec import steps
+  from maxrec import sparse
 
-  kernel = steps.resolve_sparse_kernel("auto", sharded=False)
+  kernel = sparse.resolve_kernel("auto", sharded=False)
   assert res["mf"]["sparse_kernel"] == res["mf_sgd"]["sparse_kernel"] == kernel
   if kernel == "native":  # the XLA step timed beside it
     assert res["mf_xla"]["sparse_kernel"] == "xla" and res["mf_xla_epoch_s"] > 0

@@ -12,6 +12,7 @@ import pytest
 from maxrec import data, implicit, losses, steps, train
 from maxrec import graph as graph_lib
 from maxrec import meta as meta_lib
+from maxrec import objective as objective_lib
 from maxrec.config import Config
 from maxrec.models import make_model
 from maxrec.sampling import Sampler
@@ -140,8 +141,8 @@ def _setup(**kw):
   g = graph_lib.build_graph(ds.train, ds.n_users, ds.n_items)
   w = graph_lib.edge_weights(g)
   model = make_model(cfg.model, ds.n_users, ds.n_items)
-  obj = steps.make_objective(model, cfg)
-  phi = steps.initial_aux_params(cfg)
+  obj = objective_lib.make_objective(model, cfg)
+  phi = objective_lib.initial_aux_params(cfg)
   tx = optax.adam(1e-2)
   state = steps.init_state(model, tx, jax.random.key(0), phi)
   sampler = Sampler(ds.train, ds.observed, ds.n_users, ds.n_items)

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from maxrec import metrics, native, steps
+from maxrec import metrics, native, sparse
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -125,9 +125,9 @@ def test_failed_build_falls_back_with_a_warning(monkeypatch, tmp_path, caplog):
   monkeypatch.setenv("CXX", "no-such-compiler-here")
   monkeypatch.setattr(native, "_state", {})
   assert not native.available() and "no-such-compiler-here" in native.why()
-  assert steps.resolve_sparse_kernel("auto", sharded=False) == "xla"  # training falls back too
+  assert sparse.resolve_kernel("auto", sharded=False) == "xla"  # training falls back too
   with pytest.raises(RuntimeError, match="no-such-compiler-here"):
-    steps.resolve_sparse_kernel("native", sharded=False)
+    sparse.resolve_kernel("native", sharded=False)
   monkeypatch.setenv("MAXREC_NATIVE", "0")
   monkeypatch.setattr(native, "_state", {})
   assert not native.available() and native.why() == "MAXREC_NATIVE=0"
@@ -145,7 +145,7 @@ def test_a_cache_others_may_write_to_is_refused(monkeypatch, tmp_path, mode):
   assert f"{cache} is writable by group or others (mode {oct(mode)})" in native.why()
   assert f"chmod 700 {cache}" in native.why() and not list(cache.iterdir())
   with pytest.raises(RuntimeError, match="writable by group or others"):
-    steps.resolve_sparse_kernel("native", sharded=False)
+    sparse.resolve_kernel("native", sharded=False)
 
 
 def test_a_cached_library_that_does_not_load_is_rebuilt(tmp_path):

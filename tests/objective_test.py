@@ -9,6 +9,7 @@ import pytest
 
 from maxrec import data, steps
 from maxrec import graph as graph_lib
+from maxrec import objective as objective_lib
 from maxrec.config import Config
 from maxrec.models import make_model
 from maxrec.objective import aux_weights, init_aux_params, softplus_inverse
@@ -43,7 +44,7 @@ def make(weighting, **kw):
   g = graph_lib.build_graph(ds.train, ds.n_users, ds.n_items)
   w = graph_lib.edge_weights(g)
   model = make_model(cfg.model, ds.n_users, ds.n_items)
-  obj = steps.make_objective(model, cfg)
+  obj = objective_lib.make_objective(model, cfg)
   batches = jax.device_put(
     Sampler(ds.train, ds.observed, ds.n_users, ds.n_items).epoch(np.random.default_rng(0), 128)
   )
@@ -54,7 +55,9 @@ def test_changing_aux_weights_never_retraces():
   cfg, obj, model, g, w, batches = make("fixed")
   tx = optax.adam(1e-3)
   chex.clear_trace_counter()
-  run = jax.jit(chex.assert_max_traces(steps.run_steps_fn(obj, tx), n=1), donate_argnums=(0,))
+  run = jax.jit(
+    chex.assert_max_traces(steps.run_steps_fn(steps.DenseStep(obj, tx)), n=1), donate_argnums=(0,)
+  )
   state = steps.init_state(model, tx, jax.random.key(0), init_aux_params("fixed", (0.1, 0.1)))
   state, sums = run(state, g, w, batches, jnp.int32(0), jnp.int32(2))
   np.testing.assert_allclose(sums["weight_user_sgl"] / 2, 0.1, rtol=1e-5)
@@ -70,7 +73,7 @@ def test_uncertainty_learns_its_log_variances():
   s0 = init_aux_params("uncertainty", cfg.aux.initial_weights)
   s0_host = np.asarray(s0)  # the state's buffers are donated to the step
   state = steps.init_state(model, tx, jax.random.key(0), s0, aux_tx)
-  run = steps.make_run_steps(obj, tx, aux_tx)
+  run = steps.make_run_steps(steps.DenseStep(obj, tx, aux_tx))
   n = batches["user"].shape[0]
   state, _ = run(state, g, w, batches, jnp.int32(0), jnp.int32(n))
   assert not np.allclose(state.aux_params, s0_host)

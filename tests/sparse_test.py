@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from maxrec import data, native, sparse, steps, train
+from maxrec import data, native, sparse, train
 from maxrec.config import Config
 
 
@@ -75,7 +75,7 @@ def test_sparse_and_dense_mf_training_agree_when_every_row_is_touched():
     cfg = Config.from_flat(**kw, sparse_updates=sparse_updates)
     ds = data.build_dataset(raw, cfg.data, seed=0)
     tr = train.Trainer(cfg, ds)
-    assert steps.uses_sparse_updates(cfg) == sparse_updates
+    assert cfg.sparse_mf == sparse_updates
     for _ in range(5):
       sums, _ = tr.epoch()
     finals.append((jax.device_get(tr.state.params), float(sums["loss"])))
@@ -101,7 +101,7 @@ def test_sparse_sgd_equals_dense_sgd_when_most_rows_are_untouched():
   for sparse_updates in (True, False):
     cfg = Config.from_flat(**kw, sparse_updates=sparse_updates)
     tr = train.Trainer(cfg, data.build_dataset(raw, cfg.data, seed=0))
-    assert steps.uses_sparse_updates(cfg) == sparse_updates
+    assert cfg.sparse_mf == sparse_updates
     start = jax.device_get(tr.state.params)
     for _ in range(2):
       sums, _ = tr.epoch()
@@ -295,12 +295,12 @@ def test_trainer_native_and_xla_kernels_agree(optimizer, lr):
 
 
 def test_sparse_kernel_choice():
-  assert steps.resolve_sparse_kernel("xla", sharded=False) == "xla"
-  assert steps.resolve_sparse_kernel("auto", sharded=True) == "xla"
+  assert sparse.resolve_kernel("xla", sharded=False) == "xla"
+  assert sparse.resolve_kernel("auto", sharded=True) == "xla"
   with pytest.raises(ValueError, match="one CPU device only"):
-    steps.resolve_sparse_kernel("native", sharded=True)
+    sparse.resolve_kernel("native", sharded=True)
   if native.available():
-    assert steps.resolve_sparse_kernel("auto", sharded=False) == "native"
+    assert sparse.resolve_kernel("auto", sharded=False) == "native"
   with pytest.raises(ValueError, match="--sparse_kernel='fast'"):
     Config.from_flat(sparse_kernel="fast")
   for other in ({"model": "lightgcn"}, {"weighting": "fixed"}, {"sparse_updates": False}):
