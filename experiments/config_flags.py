@@ -122,4 +122,8 @@ def config_from_flags(flag_values=flags.FLAGS, **overrides) -> Config:
   """The validated `Config` of the parsed flags (raises ValueError on a bad value)."""
   values = {f.name: _convert(f.name, flag_values[f.name].value, tp) for f, tp in _leaf_fields()}
   values.update(overrides)
-  return Config.from_flat(**values)
+  cfg = Config.from_flat(**values)
+  from maxrec.objective import check_tasks  # imports JAX: only once flags are parsed
+
+  check_tasks(cfg.aux.aux_tasks)
+  return cfg

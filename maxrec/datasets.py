@@ -24,6 +24,8 @@ import urllib.error
 import urllib.request
 import zipfile
 
+from maxrec.cache import default_cache_dir
+
 GROUPLENS = "https://files.grouplens.org/datasets/movielens"
 LIGHTGCN = "https://raw.githubusercontent.com/gusye1234/LightGCN-PyTorch/master/data"
 
@@ -112,10 +114,6 @@ REGISTRY = {
     {"users": 52643, "items": 91599, "train": 2380730, "test": 603378},
   ),
 }
-
-
-def default_cache_dir() -> str:
-  return os.environ.get("MAXREC_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "maxrec"))
 
 
 def _fetch(url: str, timeout: float, member: str | None = None) -> bytes:

@@ -47,7 +47,7 @@ import jaxlib
 import numpy as np
 from absl import logging
 
-from maxrec.datasets import default_cache_dir
+from maxrec.cache import check_private, default_cache_dir
 
 # XLA custom-call target -> the handler symbol that the library exports.
 TARGETS = {"maxrec_top_k": "MaxrecTopK", "maxrec_bpr_step": "MaxrecBprStep"}
@@ -94,23 +94,6 @@ def library_path(cxx: list[str]) -> pathlib.Path:
                " ".join(cxx).encode(), " ".join(FLAGS).encode(), _cpu_id().encode()):  # fmt: skip
     h.update(part)
   return pathlib.Path(default_cache_dir()).expanduser() / f"native-{h.hexdigest()[:16]}.so"
-
-
-def check_private(folder: pathlib.Path) -> None:
-  """Creates `folder` private (0700) if missing; refuses one that another user owns or
-  that group or others may write to, since a library loaded from it runs in-process.
-
-  Raises:
-    PermissionError: naming the folder and the fix.
-  """
-  folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-  st = folder.stat()
-  fix = f"run `chmod 700 {folder}` or set MAXREC_CACHE to a private folder"
-  if hasattr(os, "getuid") and st.st_uid != os.getuid():
-    raise PermissionError(f"{folder} belongs to another user (uid {st.st_uid}); {fix}")
-  if st.st_mode & 0o022:
-    mode = oct(st.st_mode & 0o777)
-    raise PermissionError(f"{folder} is writable by group or others (mode {mode}); {fix}")
 
 
 def _build(cxx: list[str], out: pathlib.Path) -> None:

@@ -91,9 +91,23 @@ def initial_aux_params(cfg: Config):
   return init_aux_params(cfg.aux.weighting, cfg.aux.initial_weights)
 
 
+def check_tasks(names: tuple[str, ...]) -> None:
+  """Raises ValueError naming a task (--aux_tasks) that is not registered."""
+  for name in names:
+    if name not in auxiliary.names():
+      raise ValueError(
+        f"--aux_tasks: unknown task {name!r}; registered: {', '.join(auxiliary.names())}."
+      )
+
+
 def make_objective(model, cfg: Config, anchor_caps: tuple[int, int] | None = None) -> Objective:
   """The run's objective; `anchor_caps` bounds the distinct users and items per batch that
-  the contrastive tasks hold (default: the batch size)."""
+  the contrastive tasks hold (default: the batch size).
+
+  Raises:
+    ValueError: an unknown task in --aux_tasks.
+  """
+  check_tasks(cfg.aux.aux_tasks)
   settings = auxiliary.AuxSettings(
     temperature=cfg.aux.ssl_temperature,
     edge_drop=cfg.aux.edge_drop,

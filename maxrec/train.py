@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from maxrec import checkpoint, metrics, recommend, replay, sharding
+from maxrec import checkpoint, metrics, objective, recommend, replay, sharding
 from maxrec import data as data_lib
 from maxrec.config import Config, MetaConfig, ModelConfig
 from maxrec.objective import aux_weights
@@ -171,6 +171,7 @@ def _start(config: Config, workdir: str, resume: bool, t_start: float) -> _Run |
   latest checkpoint with `resume`. Returns a finished run's final metrics as they are."""
   mesh = sharding.make_mesh(config.train.mesh_devices)  # flags first: no work on a bad mesh
   cfg = sharding.sharded_config(config, mesh)
+  objective.check_tasks(cfg.aux.aux_tasks)
   if cfg.aux.weighting == "replay":  # a bad source fails before any data is read
     replay.load_trajectory(cfg.aux.replay_from, cfg.aux.tasks)
   files = RunFiles(workdir, resume=resume)

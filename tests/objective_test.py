@@ -89,7 +89,6 @@ def test_weighting_none_ignores_tasks():
   "kw,match",
   [
     (dict(weighting="fixed", aux_tasks=()), "needs at least one task"),
-    (dict(weighting="fixed", aux_tasks=("user_sgl", "bogus")), "unknown task 'bogus'"),
     (dict(weighting="fixed", aux_weights=(0.1, 0.2, 0.3)), "give 1 or one per task"),
     (dict(weighting="fixed", aux_weights=(0.0,)), "must be positive"),
   ],
@@ -97,3 +96,12 @@ def test_weighting_none_ignores_tasks():
 def test_aux_config_errors(kw, match):
   with pytest.raises(ValueError, match=match):
     Config.from_flat(**kw)
+
+
+def test_unknown_task_is_an_error_naming_it_and_the_registered_ones():
+  cfg = Config.from_flat(weighting="fixed", aux_tasks=("user_sgl", "bogus"))
+  with pytest.raises(ValueError, match="unknown task 'bogus'; registered: item_cooc, item_sgl"):
+    objective_lib.check_tasks(cfg.aux.aux_tasks)
+  model = make_model(cfg.model, 10, 10)
+  with pytest.raises(ValueError, match="unknown task 'bogus'"):
+    objective_lib.make_objective(model, cfg)
