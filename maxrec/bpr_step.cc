@@ -32,6 +32,7 @@
 #include <thread>
 #include <vector>
 
+#include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -54,46 +55,13 @@ inline void Prefetch(const float* p, int64_t bytes, bool write) {
   }
 }
 
-// Runs fn(lo, hi) over [0, n) in chunks, on the calling thread and the pool's. The
-// caller waits only for chunks already taken, so a busy pool costs speed, not progress.
+// The pool has a thread per core and the caller is one more thread: pool.num_threads() - 1
+// helpers keep to one thread per core, so that a helper is not preempted while holding a
+// chunk that the others then wait for. (On 2 cores, 1 or 2 helpers gave the same epoch
+// times in A/B runs: 0.17-0.21 s.)
 template <typename Fn>
-void ParallelFor(ffi::ThreadPool& pool, int64_t n, const Fn& fn) {
-  struct Shared {
-    std::atomic<int64_t> next{0}, done{0};
-  };
-  std::shared_ptr<Shared> shared;
-  try {
-    shared = std::make_shared<Shared>();
-  } catch (const std::bad_alloc&) {  // no memory for the pool's bookkeeping: run alone
-    for (int64_t lo = 0; lo < n; lo += kChunk) fn(lo, std::min(n, lo + kChunk));
-    return;
-  }
-  // A helper that starts after the work is done finds no chunk and never calls fn (a
-  // reference into the caller's frame); `shared` lives on in the helper's copy.
-  auto drain = [shared, n, fnp = &fn] {
-    for (;;) {
-      const int64_t lo = shared->next.fetch_add(kChunk);
-      if (lo >= n) return;
-      const int64_t hi = std::min(n, lo + kChunk);
-      (*fnp)(lo, hi);
-      shared->done.fetch_add(hi - lo, std::memory_order_release);
-    }
-  };
-  const int64_t tasks = (n + kChunk - 1) / kChunk;
-  // The pool has a thread per core and the caller is one more thread: pool.num_threads()
-  // - 1 helpers keep to one thread per core, so that a helper is not preempted while
-  // holding a chunk that the others then wait for. (On 2 cores, 1 or 2 helpers gave the
-  // same epoch times in A/B runs: 0.17-0.21 s.)
-  const int64_t helpers = std::min<int64_t>(pool.num_threads() - 1, tasks - 1);
-  for (int64_t t = 0; t < helpers; ++t) {
-    try {
-      pool.Schedule(decltype(drain)(drain));
-    } catch (const std::bad_alloc&) {  // the caller does the rest
-      break;
-    }
-  }
-  drain();
-  while (shared->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
+bool ParallelFor(ffi::ThreadPool& pool, int64_t n, const Fn& fn) {
+  return maxrec::ParallelFor(pool, n, kChunk, pool.num_threads() - 1, fn);
 }
 
 typedef float v8f __attribute__((vector_size(32)));
@@ -203,7 +171,7 @@ ffi::Error BprStepImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> table_in,
   // 1. Per triple: loss terms and the gradient of its three rows.
   // The lambdas capture by value: a captured reference to a float could alias the rows
   // they write, which would keep the compiler from vectorising (4x slower).
-  ParallelFor(pool, batch, [=](int64_t lo, int64_t hi) {
+  const bool ok = ParallelFor(pool, batch, [=](int64_t lo, int64_t hi) {
     double bpr = 0, l2 = 0;
     for (int64_t b = lo; b < hi; ++b) {
       if (b + kAhead < batch) {
@@ -231,6 +199,7 @@ ffi::Error BprStepImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> table_in,
     bpr_part[lo / kChunk] = bpr;
     l2_part[lo / kChunk] = l2;
   });
+  if (!ok) return ffi::Error(ffi::ErrorCode::kInternal, "maxrec_bpr_step: a task failed");
   double bpr = 0, l2 = 0;
   for (int64_t c = 0; c < chunks; ++c) {
     bpr += bpr_part[c];

@@ -61,6 +61,23 @@ def l2_penalty(reg: float, batch_size: int, *embeddings: jax.Array) -> jax.Array
   return reg * total / (2.0 * batch_size)
 
 
+def bpr_batch(eu, ei, ej, l2_reg: float, ego=None) -> tuple[jax.Array, jax.Array]:
+  """(BPR, L2) of one batch of triples: the primary loss of §2.3, the one definition that
+  the dense objective, the row-sparse XLA step and the native kernel all compute.
+
+  Args:
+    eu, ei, ej: [B, d] final embeddings of the users, positives and negatives.
+    l2_reg: λ of the L2 term.
+    ego: the [B, d] ego embeddings (users, positives, negatives) that the L2 term
+      penalises; default the final ones (MF, where they are the same).
+  Returns:
+    (mean BPR loss, `l2_penalty(l2_reg, B, *ego)`), scalars.
+  """
+  bpr = bpr_loss(jnp.sum(eu * ei, -1), jnp.sum(eu * ej, -1))
+  ego = (eu, ei, ej) if ego is None else ego
+  return bpr, l2_penalty(l2_reg, eu.shape[0], *ego)
+
+
 def cosine_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
   """`x / |x|` row-wise as `x * rsqrt(|x|^2 + eps)`: smooth, finite at 0. x: [n, d]."""
   return x * jax.lax.rsqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True) + eps)

@@ -52,6 +52,7 @@ from maxrec.cache import check_private, default_cache_dir
 # XLA custom-call target -> the handler symbol that the library exports.
 TARGETS = {"maxrec_top_k": "MaxrecTopK", "maxrec_bpr_step": "MaxrecBprStep"}
 SOURCES = tuple(pathlib.Path(__file__).with_name(f) for f in ("top_k.cc", "bpr_step.cc"))
+HEADERS = (pathlib.Path(__file__).with_name("parallel.h"),)  # shared work sharing
 # -fno-math-errno lets the compiler vectorise sqrt (the Adam update).
 FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-march=native", "-fno-math-errno")
 ENV = "MAXREC_NATIVE"
@@ -90,7 +91,7 @@ def _cpu_id() -> str:
 def library_path(cxx: list[str]) -> pathlib.Path:
   """Where the library built by `cxx` from the current sources for this machine lives."""
   h = hashlib.sha256()
-  for part in (*(f.read_bytes() for f in SOURCES), jaxlib.__version__.encode(),
+  for part in (*(f.read_bytes() for f in SOURCES + HEADERS), jaxlib.__version__.encode(),
                " ".join(cxx).encode(), " ".join(FLAGS).encode(), _cpu_id().encode()):  # fmt: skip
     h.update(part)
   return pathlib.Path(default_cache_dir()).expanduser() / f"native-{h.hexdigest()[:16]}.so"

@@ -161,10 +161,9 @@ class Objective:
     """(BPR loss, L2 term, final embeddings) on one batch."""
     fu, fi = self.model.apply({"params": params}, graph, weights)
     u, i, j = batch["user"], batch["pos"], batch["neg"]
-    eu = fu[u]
-    bpr = losses.bpr_loss(jnp.sum(eu * fi[i], -1), jnp.sum(eu * fi[j], -1))
     ego = (params["user"][u], params["item"][i], params["item"][j])
-    return bpr, losses.l2_penalty(self.l2_reg, u.shape[0], *ego), (fu, fi)
+    bpr, l2 = losses.bpr_batch(fu[u], fi[i], fi[j], self.l2_reg, ego)
+    return bpr, l2, (fu, fi)
 
   def task_outputs(self, params, final, batch, graph, key) -> list[auxiliary.AuxOutput]:
     ctx = auxiliary.AuxContext(params, final, batch, graph, key, self.settings)

@@ -109,8 +109,7 @@ def lazy_adam_rows(
 
 def bpr_rows_loss(eu, ei, ej, l2_reg: float):
   """BPR + L2 of one batch as a function of its gathered rows ([B, d] each)."""
-  bpr = losses.bpr_loss(jnp.sum(eu * ei, -1), jnp.sum(eu * ej, -1))
-  l2 = losses.l2_penalty(l2_reg, eu.shape[0], eu, ei, ej)
+  bpr, l2 = losses.bpr_batch(eu, ei, ej, l2_reg)
   return bpr + l2, {"bpr": bpr, "l2": l2}
 
 

@@ -27,6 +27,7 @@
 #include <utility>
 #include <vector>
 
+#include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -128,37 +129,6 @@ void RowTopK(const float* s, int64_t n, int64_t k, float* values, int32_t* cols,
   }
 }
 
-// Rows handed out in tasks of kRowsPerTask through an atomic cursor. The calling thread
-// works too and then waits only for tasks already started, so a busy or absent pool
-// costs speed, never a deadlock. Late pool tasks find no rows and touch nothing.
-struct Work {
-  const float* s;
-  float* values;
-  int32_t* cols;
-  int64_t rows, n, k;
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-  std::atomic<bool> failed{false};  // an exception (out of memory) in some task
-
-  void Drain() {
-    std::vector<int32_t> maxima, order;  // scratch, reused by every row this thread takes
-    std::vector<Candidate> cand;
-    for (;;) {
-      const int64_t lo = next.fetch_add(kRowsPerTask);
-      if (lo >= rows) return;
-      const int64_t hi = std::min(rows, lo + kRowsPerTask);
-      try {
-        for (int64_t r = lo; r < hi; ++r) {
-          RowTopK(s + r * n, n, k, values + r * k, cols + r * k, maxima, order, cand);
-        }
-      } catch (...) {  // reported by the handler; the rows still count as done
-        failed.store(true);
-      }
-      done.fetch_add(hi - lo, std::memory_order_release);
-    }
-  }
-};
-
 ffi::Error TopKImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scores,
                     ffi::ResultBuffer<ffi::F32> values, ffi::ResultBuffer<ffi::S32> cols,
                     int64_t k) {
@@ -172,19 +142,20 @@ ffi::Error TopKImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scores,
     return ffi::Error::InvalidArgument("maxrec_top_k: over 2^31 - 1 columns (int32 ids)");
   }
   const int64_t rows = static_cast<int64_t>(scores.element_count()) / n;  // n >= k >= 1
-  auto work = std::make_shared<Work>();
-  work->s = scores.typed_data();
-  work->values = values->typed_data();
-  work->cols = cols->typed_data();
-  work->rows = rows;
-  work->n = n;
-  work->k = k;
-  const int64_t tasks = (rows + kRowsPerTask - 1) / kRowsPerTask;
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), tasks - 1);
-  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([work] { work->Drain(); });
-  work->Drain();
-  while (work->done.load(std::memory_order_acquire) < rows) std::this_thread::yield();
-  if (work->failed.load()) {
+  const float* s = scores.typed_data();
+  float* vals = values->typed_data();
+  int32_t* ids = cols->typed_data();
+  // Tasks of kRowsPerTask rows; each thread reuses its scratch from row to row and call
+  // to call.
+  const bool ok = maxrec::ParallelFor(pool, rows, kRowsPerTask, pool.num_threads(),
+                                      [=](int64_t lo, int64_t hi) {
+    thread_local std::vector<int32_t> maxima, order;
+    thread_local std::vector<Candidate> cand;
+    for (int64_t r = lo; r < hi; ++r) {
+      RowTopK(s + r * n, n, k, vals + r * k, ids + r * k, maxima, order, cand);
+    }
+  });
+  if (!ok) {
     return ffi::Error(ffi::ErrorCode::kResourceExhausted, "maxrec_top_k: out of memory");
   }
   return ffi::Error::Success();

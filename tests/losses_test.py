@@ -108,3 +108,18 @@ def test_softmax_ce_closed_form_with_mask_and_padding(x64):
   assert float(g[0, 2]) == 0.0 and float(g[1, 0]) == 0.0
   p0 = np.exp([1.0, 2.0, 0.5]) / np.sum(np.exp([1.0, 2.0, 0.5]))
   np.testing.assert_allclose(np.asarray(g[0])[[0, 1, 3]], (p0 - [0, 1, 0]) / 2, rtol=1e-12)
+
+
+def test_bpr_batch_closed_form():
+  """mean log(1 + exp(s_uj - s_ui)) and λ/(2B) Σ ‖e‖² over the ego rows, by hand."""
+  rng = np.random.default_rng(0)
+  eu, ei, ej = (jnp.asarray(rng.normal(size=(5, 3)), jnp.float32) for _ in range(3))
+  ego = tuple(jnp.asarray(rng.normal(size=(5, 3)), jnp.float32) for _ in range(3))
+  x = np.sum(np.asarray(eu) * (np.asarray(ei) - np.asarray(ej)), 1)
+  want_bpr = np.mean(np.log1p(np.exp(-x)))
+  bpr, l2 = losses.bpr_batch(eu, ei, ej, 0.3, ego)
+  assert float(bpr) == pytest.approx(want_bpr, rel=1e-5)
+  assert float(l2) == pytest.approx(0.3 * sum(np.sum(np.square(e)) for e in ego) / 10, rel=1e-5)
+  _, l2_mf = losses.bpr_batch(eu, ei, ej, 0.3)  # MF: the final rows are the ego rows
+  want_mf = 0.3 * sum(np.sum(np.square(e)) for e in (eu, ei, ej)) / 10
+  assert float(l2_mf) == pytest.approx(want_mf, rel=1e-5)

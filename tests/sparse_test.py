@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from maxrec import data, native, sparse, train
+from maxrec import data, losses, native, sparse, train
 from maxrec.config import Config
 
 
@@ -161,6 +161,10 @@ def test_native_step_equals_the_xla_step(adam, d, b):  # tail, both; up to 12 po
     assert bool(ok_g) and bool(ok_w) and int(count_g) == int(count_w)
     for k in ("loss", "bpr", "l2"):
       assert float(parts_g[k]) == pytest.approx(float(parts_w[k]), rel=1e-5), k
+    th = table[:, :d]  # both against the one definition of the batch loss
+    ref = losses.bpr_batch(th[batch["user"]], th[nu + batch["pos"]], th[nu + batch["neg"]], l2)
+    for k, want_k in zip(("bpr", "l2"), ref):
+      assert float(parts_g[k]) == pytest.approx(float(want_k), rel=1e-5), k
     # m and v are linear in the summed gradients: close. Adam's θ step is lr · m̂ / √v̂,
     # whose size stays near lr even where a row's summed gradient nearly cancels and float
     # rounding dominates it, so θ is compared to a fraction of lr.
