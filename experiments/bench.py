@@ -67,7 +67,7 @@ def time_epochs(cfg, ds, timed: int) -> dict:
 
   trainer = Trainer(cfg, ds)
   g, w = trainer.graph, trainer.weights
-  batches = trainer._sample(0)
+  batches = trainer.sample(0)
   t0 = time.perf_counter()
   state, _ = trainer.run_steps(trainer.state, g, w, batches, jnp.int32(0), jnp.int32(1))
   jax.block_until_ready(state.params)

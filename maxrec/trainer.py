@@ -1,6 +1,6 @@
 """The host-side driver of one run: data pipeline, jitted steps, state, meta-learner.
 
-`Trainer(config, dataset)` builds everything a run trains with (sampler, graph, model,
+`Trainer(config, dataset, mesh)` builds everything a run trains with (sampler, graph, model,
 objective, state, compiled step, meta-learner, device mesh); `Trainer.epoch()` runs one
 epoch. Batches of epoch e are a function of (seed, e) only and are sampled on a host
 thread while the previous epoch runs, so prefetching, resuming and early stopping never
@@ -35,6 +35,8 @@ class Trainer:
   Args:
     cfg: the run's configuration.
     ds: the data set (its R_meta must be carved when cfg.aux.weighting == "meta").
+    mesh: the device mesh, with `cfg` already `sharding.sharded_config(cfg, mesh)` (as
+      `train_and_evaluate` builds both, once); default: made here from --mesh_devices.
   Attributes:
     state: the current `TrainState` (replaced after every epoch).
     meta: the `MetaRunner` with --weighting=meta, else None.
@@ -61,7 +63,7 @@ class Trainer:
     self.graph = graph_lib.build_graph(ds.train, n_users, n_items)
     self.weights = graph_lib.edge_weights(self.graph)
     self.model = make_model(cfg.model, n_users, n_items)
-    self.anchor_caps = None
+    self.anchor_caps = None  # sampling checks it: unset while the caps are measured
     self.anchor_caps = self._anchor_caps() if cfg.aux.tasks else None
     self.anchor_overflows = 0
     self.objective = make_objective(self.model, cfg, self.anchor_caps)
@@ -83,15 +85,7 @@ class Trainer:
       cfg.eval_every,
     )
     aux_tx = optax.adam(lr) if cfg.aux.weighting == "uncertainty" else None
-    key = jax.random.key(cfg.train.seed)
-    true_size = make_model(cfg.model, ds.n_users, ds.n_items)  # the same initial values
-    self.state = init_state(true_size, tx, key, aux_params, aux_tx, pad_to=(n_users, n_items))
-    if cfg.model.resolved_init == "spectral":
-      params = self._spectral_params(jax.random.fold_in(key, 3))
-      params = {
-        k: sharding.pad_rows(params[k], n) for k, n in zip(("user", "item"), (n_users, n_items))
-      }
-      self.state = self.state.replace(params=params)
+    self.state = self._initial_state(tx, aux_params, aux_tx, (n_users, n_items))
     self.sparse_kernel = None  # "native" or "xla" for row-sparse MF
     if cfg.sparse_mf:
       self.sparse_kernel = sparse.resolve_kernel(cfg.train.sparse_kernel, self.mesh is not None)
@@ -119,6 +113,18 @@ class Trainer:
         place=self.place_batches,
       )  # fmt: skip
 
+  def _initial_state(self, tx, aux_params, aux_tx, padded: tuple[int, int]):
+    """The state at step 0: tables padded to `padded` rows, spectral or random init."""
+    cfg, ds = self.cfg, self.ds
+    key = jax.random.key(cfg.train.seed)
+    true_size = make_model(cfg.model, ds.n_users, ds.n_items)  # the same initial values
+    state = init_state(true_size, tx, key, aux_params, aux_tx, pad_to=padded)
+    if cfg.model.resolved_init == "spectral":
+      params = self._spectral_params(jax.random.fold_in(key, 3))
+      params = {k: sharding.pad_rows(params[k], n) for k, n in zip(("user", "item"), padded)}
+      state = state.replace(params=params)
+    return state
+
   def _spectral_params(self, key) -> dict:
     """[U, d] and [I, d] ego tables from the top-d singular vectors of R̃ (warm start)."""
     t0 = time.perf_counter()
@@ -142,7 +148,7 @@ class Trainer:
     and items in the first epoch's batches (and in a few hyper-batches), rounded up to 64.
     In-batch InfoNCE costs the square of this, so padding to the batch size (2048) when
     a batch holds ~800 distinct items would cost several times more."""
-    first = self._sample(0)
+    first = self.sample(0)
     self._next = (0, self._prefetch.submit(lambda: first))
     anchors = self.cfg.aux.ssl_anchors or None
     counts = [Sampler.max_unique(sharding.to_host(first), anchors)]
@@ -170,7 +176,7 @@ class Trainer:
         *self.anchor_caps,
       )
 
-  def _sample(self, epoch: int):
+  def sample(self, epoch: int):
     """Epoch `epoch`'s batches: a function of (seed, epoch) only, so prefetching, resuming
     and early stopping never change them."""
     rng = np.random.default_rng([self.cfg.train.seed, 0, epoch])
@@ -246,10 +252,10 @@ class Trainer:
     if self._next is not None and self._next[0] == e:
       batches = self._next[1].result()
     else:
-      batches = self._sample(e)
+      batches = self.sample(e)
     t_sample = time.perf_counter() - t0
     # Sample the next epoch on a host thread while this one runs (XLA releases the GIL).
-    self._next = (e + 1, self._prefetch.submit(self._sample, e + 1))
+    self._next = (e + 1, self._prefetch.submit(self.sample, e + 1))
     n = batches["user"].shape[0]
     state, g, w = self.state, self.graph, self.weights
     if self.replay is not None:  # [A9]: φ frozen at the trajectory's value for this epoch
