@@ -25,3 +25,21 @@ def ml100k_path():
   if not os.path.exists(path):
     pytest.skip(f"ML-100K not found at {path} (set MAXREC_ML100K to its u.data)")
   return path
+
+
+# The longest tests start first, so that the two workers share the rest around them
+# instead of one of them finishing its queue on a minute-long test.
+LONGEST_FIRST = (
+  "sharding_test.py::test_eight_device_mesh_equals_single_device",
+  "multihost_test.py::",
+  "checkpoint_test.py::test_sigkill_then_resume",
+  "notebook_test.py::",
+  "experiments_test.py::test_bench_writes_every_figure",
+)
+
+
+def pytest_collection_modifyitems(items):
+  def rank(item):
+    return next((i for i, k in enumerate(LONGEST_FIRST) if k in item.nodeid), len(LONGEST_FIRST))
+
+  items.sort(key=rank)
